@@ -1,0 +1,146 @@
+"""Pure SASL decoders for the payloads of SMTP AUTH (RFC 4954).
+
+Nothing here does I/O or raises on bad input: a payload that is not valid
+base64, or does not have its mechanism's shape, gives an ``AuthDecode`` whose
+``error`` says so. One ``SaslExchange`` follows one AUTH command from its
+initial response through the server's challenges and the client's answers.
+"""
+
+from __future__ import annotations
+
+import binascii
+
+from .events import AuthDecode
+
+__all__ = ["SaslExchange", "b64decode_text", "SECRET_FIELDS"]
+
+#: Field names that hold secrets; redaction removes exactly these.
+SECRET_FIELDS = frozenset({"password", "token", "digest"})
+
+
+def _b64(payload: str) -> bytes | None:
+    """Decode strict base64; ``=`` alone is the empty payload (RFC 4954 section 4)."""
+    payload = payload.strip()
+    if payload == "=":
+        return b""
+    try:
+        return binascii.a2b_base64(payload.encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        return None
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", errors="backslashreplace")
+
+
+def b64decode_text(payload: str) -> str | None:
+    """The text a base64 payload stands for, or None if it is not base64."""
+    data = _b64(payload)
+    return None if data is None else _text(data)
+
+
+def _bearer(kvpairs: list[bytes]) -> dict[str, str]:
+    """Pick ``auth=Bearer <token>`` and the other key=value pairs of an OAuth payload."""
+    out: dict[str, str] = {}
+    for pair in kvpairs:
+        if not pair:
+            continue
+        key, sep, value = pair.partition(b"=")
+        if not sep:
+            continue
+        k = _text(key).strip().lower()
+        v = _text(value)
+        if k == "auth":
+            scheme, _, token = v.partition(" ")
+            out["scheme"] = scheme
+            out["token"] = token
+        elif k in ("user", "host", "port"):
+            out[k] = v
+    return out
+
+
+class SaslExchange:
+    """The decoding state of one AUTH exchange.
+
+    ``user`` is the best knowledge of the authentication identity so far.
+    """
+
+    def __init__(self, mechanism: str) -> None:
+        self.mechanism = mechanism.upper()
+        self.user: str | None = None
+        self._login_next = "user"  # LOGIN: what the next client answer holds
+
+    def _decode(self, payload: str) -> tuple[bytes | None, AuthDecode | None]:
+        data = _b64(payload)
+        if data is None:
+            return None, AuthDecode(self.mechanism, {}, "not valid base64")
+        return data, None
+
+    def initial(self, payload: str) -> AuthDecode:
+        """The initial response given on the AUTH command line."""
+        return self.response(payload)
+
+    def challenge(self, payload: str) -> AuthDecode:
+        """A server challenge: the text of a 334 reply."""
+        data, bad = self._decode(payload)
+        if data is None:
+            assert bad is not None
+            return bad
+        text = _text(data)
+        if self.mechanism == "LOGIN":
+            low = text.lower()
+            if "pass" in low:
+                self._login_next = "password"
+            elif "user" in low or "name" in low:
+                self._login_next = "user"
+        if self.mechanism in ("XOAUTH2", "OAUTHBEARER") and text.startswith("{"):
+            return AuthDecode(self.mechanism, {"error": text})
+        return AuthDecode(self.mechanism, {"challenge": text})
+
+    def response(self, payload: str) -> AuthDecode:
+        """A client answer: the initial response or a line after a 334."""
+        data, bad = self._decode(payload)
+        if data is None:
+            assert bad is not None
+            return bad
+        mech = self.mechanism
+        if mech == "PLAIN":
+            parts = data.split(b"\x00")
+            if len(parts) != 3:
+                return AuthDecode(mech, {"text": _text(data)}, "PLAIN wants authzid NUL user NUL password")
+            authzid, user, password = (_text(p) for p in parts)
+            self.user = user
+            fields = {"user": user, "password": password}
+            if authzid:
+                fields["authzid"] = authzid
+            return AuthDecode(mech, fields)
+        if mech == "LOGIN":
+            key = self._login_next
+            self._login_next = "password"
+            if key == "user":
+                self.user = _text(data)
+            return AuthDecode(mech, {key: _text(data)})
+        if mech == "CRAM-MD5":
+            user, sep, digest = _text(data).rpartition(" ")
+            if not sep:
+                return AuthDecode(mech, {"text": _text(data)}, "CRAM-MD5 wants 'user digest'")
+            self.user = user
+            return AuthDecode(mech, {"user": user, "digest": digest})
+        if mech == "XOAUTH2":
+            if not data:
+                return AuthDecode(mech, {})
+            fields = _bearer(data.split(b"\x01"))
+            if "user" in fields:
+                self.user = fields["user"]
+            return AuthDecode(mech, fields)
+        if mech == "OAUTHBEARER":
+            if data in (b"", b"\x01"):
+                return AuthDecode(mech, {})
+            gs2, _, rest = data.partition(b",")
+            authzid, _, rest = rest.partition(b",")
+            fields = _bearer(rest.split(b"\x01"))
+            if authzid.startswith(b"a="):
+                fields["user"] = _text(authzid[2:]).replace("=2C", ",").replace("=3D", "=")
+                self.user = fields["user"]
+            return AuthDecode(mech, fields)
+        return AuthDecode(mech, {"text": _text(data)})

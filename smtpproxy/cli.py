@@ -1,0 +1,240 @@
+"""The command line: thin click commands over the modules."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import sys
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import click
+import trio
+
+from . import __version__
+from .recording import ensure_private_dir
+from .relay import Proxy, ProxyConfig, is_loopback, parse_hostport
+from .render import Transcript
+from .server import Sink, SinkConfig
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _hostport(default_port: int | None = None) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def convert(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return parse_hostport(value, default_port)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return convert
+
+
+def _positive(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if value is not None and value < 0:
+        raise click.BadParameter("must be zero (no limit) or more")
+    return value
+
+
+color_option = click.option(
+    "--color/--no-color",
+    default=None,
+    help="Color the transcript (default: when writing to a terminal).",
+)
+
+
+def _transcript(color: bool | None, quiet: bool = False, show_body: bool = False) -> Transcript:
+    if color is None:
+        color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    return Transcript(sys.stdout, color=color, quiet=quiet, show_body=show_body)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="smtpproxy")
+def main() -> None:
+    """See, keep, replay and compare what happens between a mail client and
+    an SMTP server."""
+
+
+@main.command()
+@click.option(
+    "--listen",
+    default="127.0.0.1:2525",
+    show_default=True,
+    callback=_hostport(2525),
+    help="Address to accept mail clients on.",
+)
+@click.option(
+    "--upstream",
+    default=None,
+    callback=_hostport(25),
+    help="The real SMTP server HOST:PORT. Default: an embedded server that accepts everything.",
+)
+@click.option(
+    "--recordings",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("recordings"),
+    show_default=True,
+    help="Folder for the session recordings (created mode 0700).",
+)
+@click.option("--quiet", "-q", is_flag=True, help="Print only one summary line per session.")
+@click.option("--show-body", is_flag=True, help="Print message bodies instead of a summary.")
+@click.option(
+    "--idle-timeout",
+    type=float,
+    default=300.0,
+    show_default=True,
+    callback=_positive,
+    help="Close a session after this many seconds without traffic (0: never).",
+)
+@click.option(
+    "--connect-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    callback=_positive,
+    help="Give up dialing the upstream after this many seconds.",
+)
+@click.option(
+    "--max-sessions",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Refuse clients beyond this many at once (421 4.3.2).",
+)
+@color_option
+def record(
+    listen: tuple[str, int],
+    upstream: tuple[str, int] | None,
+    recordings: Path,
+    quiet: bool,
+    show_body: bool,
+    idle_timeout: float,
+    connect_timeout: float,
+    max_sessions: int,
+    color: bool | None,
+) -> None:
+    """Relay mail clients to an SMTP server, showing and recording every
+    command and reply.
+
+    Point a mail client at the --listen address (127.0.0.1:2525 by default).
+    Each session is saved as a JSON Lines recording under --recordings.
+    """
+    try:
+        ensure_private_dir(recordings)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot use recordings folder {recordings}: {exc.strerror or exc}; "
+            "choose another with --recordings DIR"
+        ) from None
+    mode = stat.S_IMODE(recordings.stat().st_mode)
+    transcript = _transcript(color, quiet, show_body)
+    if mode & 0o077:
+        click.echo(
+            f"warning: {recordings}/ is mode {mode:o}; recordings hold credentials "
+            f"(files are 0600, but consider: chmod 700 {recordings})",
+            err=True,
+        )
+    if not is_loopback(listen[0]):
+        click.echo(
+            f"warning: listening on {listen[0]}, not loopback: anyone who can reach it can relay "
+            "through this proxy, and their credentials will be recorded",
+            err=True,
+        )
+    config = ProxyConfig(
+        listen=listen,
+        upstream=upstream or ("127.0.0.1", 0),
+        recordings=recordings,
+        idle_timeout=idle_timeout,
+        connect_timeout=connect_timeout,
+        max_sessions=max_sessions,
+    )
+    proxy = Proxy(config, transcript)
+    try:
+        trio.run(_run_record, proxy, upstream is None)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot listen on {listen[0]}:{listen[1]}: {exc.strerror or exc}; "
+            "choose another address with --listen HOST:PORT"
+        ) from None
+    stats = proxy.stats
+    click.echo(
+        f"smtpproxy: {stats.sessions} session(s), {len(stats.recordings)} recording(s) in {recordings}/"
+        + (f", {stats.recorder_failures} recording failure(s)" if stats.recorder_failures else "")
+        + (f", {stats.refused} refused (too many sessions)" if stats.refused else ""),
+        err=True,
+    )
+
+
+async def _wait_for_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            return
+
+
+async def _run_record(proxy: Proxy, embedded: bool) -> None:
+    config = proxy.config
+    listeners = await proxy.listen()
+    async with trio.open_nursery() as nursery:
+        if embedded:
+            sink = Sink(SinkConfig(idle_timeout=config.idle_timeout or 300.0))
+            host, port = await nursery.start(sink.serve, "127.0.0.1", 0)
+            config.upstream = (host, port)
+            config.upstream_label = f"embedded sink {host}:{port}"
+        address = await nursery.start(proxy.serve, listeners)
+        target = config.upstream_label or f"{config.upstream[0]}:{config.upstream[1]}"
+        click.echo(
+            f"smtpproxy {__version__}: listening on {address[0]}:{address[1]}, relaying to {target}; "
+            f"recording to {config.recordings}/ (Ctrl-C to stop)",
+            err=True,
+        )
+        await _wait_for_signal()
+        nursery.cancel_scope.cancel()
+
+
+@main.command()
+@click.option(
+    "--listen",
+    default="127.0.0.1:2526",
+    show_default=True,
+    callback=_hostport(2526),
+    help="Address to accept SMTP clients on.",
+)
+@click.option("--hostname", default=None, help="Name in the greeting and EHLO reply.")
+@click.option(
+    "--max-size",
+    type=click.IntRange(min=1),
+    default=52_428_800,
+    show_default=True,
+    help="SIZE advertised and enforced (552 above it).",
+)
+def sink(listen: tuple[str, int], hostname: str | None, max_size: int) -> None:
+    """Run the embedded SMTP server alone: it accepts any credentials and
+    every message, and keeps nothing."""
+    config = SinkConfig(max_size=max_size)
+    if hostname:
+        config.hostname = hostname
+    server = Sink(config)
+
+    async def run() -> None:
+        listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, server.handle, listeners)
+            addr = listeners[0].socket.getsockname()
+            click.echo(f"smtpproxy sink: listening on {addr[0]}:{addr[1]} (Ctrl-C to stop)", err=True)
+            await _wait_for_signal()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(run)
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot listen on {listen[0]}:{listen[1]}: {exc.strerror or exc}"
+        ) from None
+    click.echo(
+        f"smtpproxy sink: {server.stats.sessions} session(s), {server.stats.messages} message(s) accepted",
+        err=True,
+    )

@@ -1,0 +1,216 @@
+"""Typed events of an SMTP conversation.
+
+The protocol module turns the bytes each peer sends into these events; the
+recorder, the console renderer, replay and diff consume them. Every event says
+which side sent it and carries ``raw``: the exact bytes it was made from, so
+that the concatenation of one side's ``raw`` fields, in order, is that side's
+byte stream. Events that are derived rather than read (``MessageEnd``,
+``AuthResult``, ``TlsStart``, ``Anomaly``) carry ``raw=b""``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import ClassVar, Mapping, Union
+
+
+class Side(enum.Enum):
+    """Which peer sent the bytes an event was made from."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+    @property
+    def other(self) -> "Side":
+        return Side.SERVER if self is Side.CLIENT else Side.CLIENT
+
+
+@dataclass(frozen=True, slots=True)
+class AuthDecode:
+    """One step of a SASL exchange, decoded (RFC 4954).
+
+    ``fields`` holds what the step revealed, for example ``user`` and
+    ``password`` for PLAIN, ``challenge`` for a server prompt, ``digest`` for
+    CRAM-MD5, ``token`` for XOAUTH2/OAUTHBEARER. ``error`` says why a payload
+    could not be decoded; it never raises.
+    """
+
+    mechanism: str
+    fields: Mapping[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A command line from the client (RFC 5321 section 4.1).
+
+    ``verb`` is upper-cased; ``arg`` is the rest of the line as sent.
+    ``path`` is the reverse- or forward-path of MAIL and RCPT (without the
+    angle brackets). ``flags`` notes oddities kept as they were: ``bare_lf``,
+    ``bad_utf8``.
+    """
+
+    side: ClassVar[Side] = Side.CLIENT
+    raw: bytes
+    verb: str
+    arg: str
+    path: str | None = None
+    flags: tuple[str, ...] = ()
+    auth: AuthDecode | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResponse:
+    """A client's SASL response line after a 334 challenge (RFC 4954 section 4)."""
+
+    side: ClassVar[Side] = Side.CLIENT
+    raw: bytes
+    text: str
+    flags: tuple[str, ...] = ()
+    auth: AuthDecode | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A complete (possibly multi-line) server reply (RFC 5321 section 4.2).
+
+    ``command`` is the verb of the command this reply answers: ``"<greeting>"``
+    for the server's greeting, ``None`` for an unsolicited reply (such as a
+    421 sent on timeout). ``enhanced`` is the RFC 3463 status code of the first line
+    when present. ``lines`` are the text parts of each line. ``capabilities``
+    is set for a positive EHLO reply: keyword -> parameters. ``ends_message``
+    marks the reply that decides a message's fate (the final reply to DATA, or
+    to ``BDAT ... LAST``).
+    """
+
+    side: ClassVar[Side] = Side.SERVER
+    raw: bytes
+    code: int
+    lines: tuple[str, ...]
+    enhanced: str | None = None
+    command: str | None = None
+    intermediate: bool = False
+    ends_message: bool = False
+    capabilities: Mapping[str, str] | None = None
+    flags: tuple[str, ...] = ()
+    auth: AuthDecode | None = None
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageData:
+    """Message octets as sent on the wire: a piece of a DATA body (still
+    dot-stuffed, the final ``.CRLF`` included in the last piece) or of a BDAT
+    chunk. ``last`` marks the piece that completes the body or the chunk."""
+
+    side: ClassVar[Side] = Side.CLIENT
+    raw: bytes
+    via: str = "DATA"
+    last: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEnd:
+    """The client finished sending a message.
+
+    ``size`` is the size of the message content (dot-stuffing undone, the
+    terminator excluded). ``headers`` holds From, To, Cc, Subject, Date and
+    Message-ID when present. ``complete`` is false when the connection ended
+    before the terminator (or the last BDAT chunk).
+    """
+
+    side: ClassVar[Side] = Side.CLIENT
+    raw: ClassVar[bytes] = b""
+    size: int
+    headers: Mapping[str, str]
+    via: str = "DATA"
+    complete: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResult:
+    """The end of an AUTH exchange: the server's final answer (RFC 4954)."""
+
+    side: ClassVar[Side] = Side.SERVER
+    raw: ClassVar[bytes] = b""
+    mechanism: str
+    user: str | None
+    success: bool
+    code: int
+    cancelled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TlsStart:
+    """The server answered 220 to STARTTLS (RFC 3207): the next bytes of both
+    sides are a TLS handshake."""
+
+    side: ClassVar[Side] = Side.SERVER
+    raw: ClassVar[bytes] = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Opaque:
+    """Bytes the observer relays but cannot read as SMTP: TLS records, the rest
+    of an over-long line, or a partial line left when the connection closed."""
+
+    side: Side
+    raw: bytes
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Anomaly:
+    """Something a careful reader of the wire would want flagged: a protocol
+    violation, a suspicious pattern, a limit hit. Never fatal."""
+
+    side: Side
+    kind: str
+    detail: str
+    raw: ClassVar[bytes] = b""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsEstablished:
+    """A TLS handshake completed on one leg: ``side`` is the peer the proxy
+    shook hands with. Written by the relay, not the protocol module."""
+
+    side: Side
+    version: str
+    cipher: str
+    sni: str | None = None
+    peer: Mapping[str, object] | None = None
+    verified: str | None = None
+    raw: ClassVar[bytes] = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """Something the proxy itself did or saw outside the byte streams: an
+    upstream that could not be reached, a handshake that failed, a reply the
+    proxy wrote to the client itself (``raw`` then holds those bytes, with
+    ``side`` the peer they were sent to)."""
+
+    side: Side
+    kind: str
+    text: str
+    raw: bytes = b""
+
+
+Event = Union[
+    Command,
+    AuthResponse,
+    Reply,
+    MessageData,
+    MessageEnd,
+    AuthResult,
+    TlsStart,
+    Opaque,
+    Anomaly,
+    TlsEstablished,
+    Note,
+]

@@ -1,0 +1,659 @@
+"""The SMTP conversation as a sans-IO state machine.
+
+Everything that affects how the bytes of an SMTP session are read lives here:
+command lines, replies and their matching to commands, PIPELINING, DATA
+bodies, BDAT chunks, AUTH exchanges and STARTTLS. There is no I/O: the caller
+feeds the bytes each side sent, in any chunking, and gets typed events back.
+
+One ``Conversation`` serves three roles:
+
+* the proxy's observer feeds both byte streams as it relays them;
+* the embedded server feeds what the client sent and the replies it writes;
+* replay feeds what it sends and what the target answers.
+
+The observer never rejects anything and never raises on input: what it cannot
+read becomes ``Opaque`` bytes and an ``Anomaly``. Memory held is bounded by
+``MAX_LINE`` per side (and ``MAX_HOLD`` for bytes a client sends before the
+reply it should have waited for).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections import deque
+from email.header import decode_header, make_header
+from email.parser import HeaderParser
+from email.policy import compat32
+from typing import Iterable
+
+from .auth import SaslExchange
+from .events import (
+    Anomaly,
+    AuthDecode,
+    AuthResponse,
+    AuthResult,
+    Command,
+    Event,
+    MessageData,
+    MessageEnd,
+    Opaque,
+    Reply,
+    Side,
+    TlsStart,
+)
+
+__all__ = [
+    "Conversation",
+    "ClientState",
+    "MAX_LINE",
+    "parse_capabilities",
+    "format_reply",
+    "Unstuffer",
+    "parse_path",
+]
+
+#: Longest line the observer holds before it gives up on it (RFC 5321 allows
+#: 512 octets for a command and 1000 for a text line; servers may send more).
+MAX_LINE = 64 * 1024
+#: Most bytes held from a client that did not wait for a reply it needed.
+MAX_HOLD = 1024 * 1024
+#: Most header bytes kept to summarise a message.
+MAX_HEADER = 64 * 1024
+
+GREETING = "<greeting>"
+_TERM = b"\r\n.\r\n"
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
+_SUMMARY_HEADERS = ("From", "To", "Cc", "Subject", "Date", "Message-ID")
+
+
+class ClientState(enum.Enum):
+    """What the next client bytes are."""
+
+    COMMAND = "command"  # command lines (RFC 5321 section 4.1)
+    WAITING = "waiting"  # held until the server answers DATA, AUTH or STARTTLS
+    DATA = "data"  # a message body after 354, up to CRLF.CRLF (section 4.1.1.4)
+    BDAT = "bdat"  # the octets of a BDAT chunk (RFC 3030)
+    AUTH = "auth"  # one SASL answer line after a 334 (RFC 4954 section 4)
+    TLS = "tls"  # TLS records after 220 to STARTTLS (RFC 3207)
+
+
+class _Pending:
+    """A command waiting for its reply."""
+
+    __slots__ = ("verb", "data_started", "last")
+
+    def __init__(self, verb: str, last: bool = False) -> None:
+        self.verb = verb
+        self.data_started = False
+        self.last = last
+
+
+class _Message:
+    """Size and header accounting for the message being sent."""
+
+    __slots__ = ("via", "wire", "dots", "prev", "head", "head_done")
+
+    def __init__(self, via: str) -> None:
+        self.via = via
+        self.wire = 0
+        self.dots = 0
+        self.prev = b"\r\n"  # the body starts as if after a line end
+        self.head = bytearray()
+        self.head_done = False
+
+    def take_head(self, chunk: bytes) -> None:
+        if self.head_done:
+            return
+        room = MAX_HEADER - len(self.head)
+        self.head += chunk[:room]
+        if b"\r\n\r\n" in self.head or b"\n\n" in self.head or len(self.head) >= MAX_HEADER:
+            self.head_done = True
+
+    def size(self) -> int:
+        if self.via == "DATA":
+            # the terminator's "\r\n." was counted as a dot; ".\r\n" is not content
+            return max(0, self.wire - max(0, self.dots - 1) - 3)
+        return self.wire
+
+    def end(self, complete: bool) -> MessageEnd:
+        return MessageEnd(
+            size=self.size(),
+            headers=summarise_headers(bytes(self.head)),
+            via=self.via,
+            complete=complete,
+        )
+
+
+def summarise_headers(head: bytes) -> dict[str, str]:
+    """The main headers of a message, MIME encoded-words decoded."""
+    try:
+        msg = HeaderParser(policy=compat32).parsestr(head.decode("utf-8", errors="replace"))
+    except (ValueError, TypeError, LookupError):
+        return {}
+    out: dict[str, str] = {}
+    for name in _SUMMARY_HEADERS:
+        value = msg.get(name)
+        if value is None:
+            continue
+        try:
+            text = str(make_header(decode_header(str(value))))
+        except (ValueError, LookupError, UnicodeError, TypeError):
+            text = str(value)
+        out[name] = " ".join(text.split())
+    return out
+
+
+def parse_path(arg: str) -> str | None:
+    """The path of ``MAIL FROM:<a@b> SIZE=1`` or ``RCPT TO:<c@d>`` (RFC 5321 4.1.2)."""
+    _, colon, rest = arg.partition(":")
+    if not colon:
+        return None
+    rest = rest.strip()
+    if rest.startswith("<"):
+        end = rest.find(">")
+        return rest[1:end] if end >= 0 else rest[1:]
+    return rest.split(" ", 1)[0] if rest else ""
+
+
+def parse_capabilities(lines: Iterable[str]) -> dict[str, str]:
+    """EHLO keywords and their parameters from the lines after the greeting
+    line of a 250 reply (RFC 5321 section 4.1.1.1). Repeated AUTH lines, and
+    the old ``AUTH=LOGIN`` form, are merged."""
+    caps: dict[str, str] = {}
+    for line in lines:
+        keyword, _, params = line.strip().partition(" ")
+        if not keyword:
+            continue
+        keyword = keyword.upper()
+        if keyword.startswith("AUTH="):
+            params = keyword[5:] + (" " + params if params else "")
+            keyword = "AUTH"
+        if keyword == "AUTH" and "AUTH" in caps:
+            seen = caps["AUTH"].split()
+            params = " ".join(seen + [m for m in params.upper().split() if m not in seen])
+        elif keyword == "AUTH":
+            params = " ".join(dict.fromkeys(params.upper().split()))
+        caps[keyword] = params.strip()
+    return caps
+
+
+def format_reply(code: int, *lines: str) -> bytes:
+    """Serialise a reply: ``250-a`` ... ``250 z`` with CRLF line ends."""
+    if not lines:
+        lines = ("",)
+    last = len(lines) - 1
+    return "".join(
+        f"{code}{' ' if i == last else '-'}{line}\r\n" for i, line in enumerate(lines)
+    ).encode("utf-8")
+
+
+class Unstuffer:
+    """Undo dot-stuffing of a DATA body as it streams (RFC 5321 section 4.5.2).
+
+    Feed the wire bytes of the body (``MessageData.raw``) and get the message
+    content; the ``.CRLF`` terminator and anything after it are dropped.
+    """
+
+    def __init__(self) -> None:
+        self._carry = b""
+        self._line_start = True
+        self.done = False
+
+    def feed(self, wire: bytes, final: bool = False) -> bytes:
+        if self.done:
+            return b""
+        data = self._carry + wire
+        self._carry = b""
+        out: list[bytes] = []
+        i, n = 0, len(data)
+        while i < n:
+            if self._line_start:
+                if data[i] == 0x2E:  # "."
+                    if n - i < 3 and not final:
+                        self._carry = data[i:]
+                        break
+                    if data[i : i + 3] == b".\r\n":
+                        self.done = True
+                        break
+                    i += 1  # a stuffed dot
+                self._line_start = False
+                continue
+            j = data.find(b"\r\n", i)
+            if j < 0:
+                if data.endswith(b"\r") and not final:
+                    out.append(data[i : n - 1])
+                    self._carry = b"\r"
+                else:
+                    out.append(data[i:])
+                break
+            out.append(data[i : j + 2])
+            i = j + 2
+            self._line_start = True
+        return b"".join(out)
+
+    def end(self) -> bytes:
+        """Flush what was held back (only a body cut short has any)."""
+        return self.feed(b"", final=True)
+
+
+def _decode_line(raw: bytes) -> tuple[str, tuple[str, ...]]:
+    """A line's text without its line end, and flags for what was odd."""
+    flags: tuple[str, ...] = ()
+    if raw.endswith(b"\r\n"):
+        line = raw[:-2]
+    elif raw.endswith(b"\n"):
+        line = raw[:-1]
+        flags = ("bare_lf",)
+    else:
+        line = raw
+        flags = ("no_eol",)
+    try:
+        return line.decode("utf-8"), flags
+    except UnicodeDecodeError:
+        return line.decode("utf-8", errors="backslashreplace"), flags + ("bad_utf8",)
+
+
+class Conversation:
+    """One SMTP session, read from both sides.
+
+    ``feed(side, data)`` returns the events the new bytes complete. Call
+    ``tls_established()`` once a STARTTLS handshake has completed on the
+    caller's streams, and ``close()`` when the connection ends.
+    """
+
+    def __init__(self) -> None:
+        self.client_state = ClientState.COMMAND
+        self.server_tls = False
+        #: the capabilities of the last positive EHLO reply
+        self.capabilities: dict[str, str] = {}
+        #: true once a STARTTLS upgrade (or implicit TLS) is in place
+        self.encrypted = False
+        self._cbuf = bytearray()
+        self._sbuf = bytearray()
+        self._c_discard = False
+        self._s_discard = False
+        self._pending: deque[_Pending] = deque([_Pending(GREETING)])
+        self._waiting_on: _Pending | None = None
+        self._message: _Message | None = None
+        self._bdat_left = 0
+        self._bdat_last = False
+        self._sasl: SaslExchange | None = None
+        self._auth_pending: _Pending | None = None
+        self._auth_cancelled = False
+        self._reply_raw: list[bytes] = []
+        self._reply_lines: list[str] = []
+        self._reply_code = 0
+        self._reply_flags: tuple[str, ...] = ()
+        self._anomalies: set[str] = set()
+        self._out: list[Event] = []
+
+    # -- public API -------------------------------------------------------
+
+    def feed(self, side: Side, data: bytes) -> list[Event]:
+        """Take the next bytes ``side`` sent; return the events they complete."""
+        if side is Side.CLIENT:
+            if self.client_state is ClientState.TLS and not self._cbuf:
+                self._out.append(Opaque(Side.CLIENT, bytes(data), "tls"))
+            else:
+                self._cbuf += data
+                self._run_client()
+        else:
+            if self.server_tls and not self._sbuf:
+                self._out.append(Opaque(Side.SERVER, bytes(data), "tls"))
+            else:
+                self._sbuf += data
+                self._run_server()
+        out, self._out = self._out, []
+        return out
+
+    def tls_established(self) -> list[Event]:
+        """The STARTTLS handshake is done on both legs: SMTP starts afresh
+        (RFC 3207 section 4.2: the client must EHLO again, state is reset)."""
+        self.client_state = ClientState.COMMAND
+        self.server_tls = False
+        self.encrypted = True
+        self.capabilities = {}
+        self._cbuf.clear()
+        self._sbuf.clear()
+        self._pending.clear()
+        self._waiting_on = None
+        self._message = None
+        out, self._out = self._out, []
+        return out
+
+    def implicit_tls(self) -> None:
+        """The connection was encrypted from its first byte (RFC 8314)."""
+        self.encrypted = True
+
+    def close(self) -> list[Event]:
+        """The connection ended: flush what was left half read."""
+        if self._message is not None and self.client_state in (ClientState.DATA, ClientState.BDAT):
+            if self._cbuf:
+                self._emit_data(bytes(self._cbuf))
+                self._cbuf.clear()
+            self._out.append(self._message.end(complete=False))
+            self._message = None
+        if self._cbuf:
+            self._out.append(Opaque(Side.CLIENT, bytes(self._cbuf), "incomplete at close"))
+            self._cbuf.clear()
+        if self._reply_raw:
+            self._out.append(Opaque(Side.SERVER, b"".join(self._reply_raw), "incomplete reply at close"))
+            self._reply_raw = []
+            self._reply_lines = []
+        if self._sbuf:
+            self._out.append(Opaque(Side.SERVER, bytes(self._sbuf), "incomplete at close"))
+            self._sbuf.clear()
+        out, self._out = self._out, []
+        return out
+
+    @property
+    def in_message(self) -> bool:
+        """True while the client is sending message content."""
+        return self.client_state in (ClientState.DATA, ClientState.BDAT)
+
+    # -- client side ------------------------------------------------------
+
+    def _anomaly(self, side: Side, kind: str, detail: str, once: bool = True) -> None:
+        key = f"{side.value}:{kind}"
+        if once and key in self._anomalies:
+            return
+        self._anomalies.add(key)
+        self._out.append(Anomaly(side, kind, detail))
+
+    def _run_client(self) -> None:
+        buf = self._cbuf
+        pos = 0
+        while pos < len(buf):
+            state = self.client_state
+            if state is ClientState.COMMAND or state is ClientState.AUTH:
+                nl = buf.find(b"\n", pos)
+                if nl < 0:
+                    if len(buf) - pos > MAX_LINE:
+                        self._out.append(Opaque(Side.CLIENT, bytes(buf[pos:]), "line too long"))
+                        self._anomaly(Side.CLIENT, "line_too_long", f"a line longer than {MAX_LINE} octets")
+                        self._c_discard = True
+                        pos = len(buf)
+                    break
+                raw = bytes(buf[pos : nl + 1])
+                pos = nl + 1
+                if self._c_discard:
+                    self._c_discard = False
+                    self._out.append(Opaque(Side.CLIENT, raw, "line too long"))
+                elif state is ClientState.COMMAND:
+                    self._on_command(raw)
+                else:
+                    self._on_auth_line(raw)
+            elif state is ClientState.DATA:
+                chunk = bytes(buf[pos:])
+                used = self._on_body(chunk)
+                pos += used
+            elif state is ClientState.BDAT:
+                n = min(self._bdat_left, len(buf) - pos)
+                self._bdat_left -= n
+                self._emit_data(bytes(buf[pos : pos + n]), last=self._bdat_left == 0)
+                pos += n
+                if self._bdat_left == 0:
+                    self.client_state = ClientState.COMMAND
+                    if self._bdat_last and self._message is not None:
+                        self._out.append(self._message.end(complete=True))
+                        self._message = None
+            elif state is ClientState.TLS:
+                self._out.append(Opaque(Side.CLIENT, bytes(buf[pos:]), "tls"))
+                pos = len(buf)
+            else:  # WAITING
+                if len(buf) - pos > MAX_HOLD:
+                    self._anomaly(
+                        Side.CLIENT, "did_not_wait", "client sent more than 1 MiB before a reply it must wait for"
+                    )
+                    self._release(self._assume_positive())
+                    continue
+                break
+        del buf[:pos]
+
+    def _assume_positive(self) -> ClientState:
+        waiting = self._waiting_on
+        if waiting is not None and waiting.verb == "DATA":
+            waiting.data_started = True
+            self._message = _Message("DATA")
+            return ClientState.DATA
+        if waiting is not None and waiting.verb == "AUTH":
+            return ClientState.AUTH
+        return ClientState.COMMAND
+
+    def _on_command(self, raw: bytes) -> None:
+        text, flags = _decode_line(raw)
+        if "bare_lf" in flags:
+            self._anomaly(Side.CLIENT, "bare_lf", "a command line ended with LF alone, not CRLF")
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        path = parse_path(arg) if verb in ("MAIL", "RCPT") else None
+        auth: AuthDecode | None = None
+        pending = _Pending(verb)
+        if verb == "AUTH":
+            mech, _, initial = arg.strip().partition(" ")
+            self._sasl = SaslExchange(mech)
+            self._auth_pending = pending
+            self._auth_cancelled = False
+            if initial.strip():
+                auth = self._sasl.initial(initial)
+            if not self.encrypted:
+                self._anomaly(Side.CLIENT, "auth_in_clear", "AUTH sent on a connection that is not encrypted")
+            self._wait(pending)
+        elif verb in ("DATA", "STARTTLS"):
+            self._wait(pending)
+        elif verb == "BDAT":
+            parts = arg.split()
+            if parts and parts[0].isdigit() and len(parts) <= 2:
+                self._bdat_left = int(parts[0])
+                self._bdat_last = len(parts) == 2 and parts[1].upper() == "LAST"
+                pending.last = self._bdat_last
+                if self._message is None:
+                    self._message = _Message("BDAT")
+                if self._bdat_left:
+                    self.client_state = ClientState.BDAT
+                elif self._bdat_last:
+                    self._out.append(Command(raw, verb, arg, path, flags, auth))
+                    self._pending.append(pending)
+                    self._out.append(self._message.end(complete=True))
+                    self._message = None
+                    return
+        elif verb == "RSET":
+            self._message = None
+        self._out.append(Command(raw, verb, arg, path, flags, auth))
+        self._pending.append(pending)
+
+    def _wait(self, pending: _Pending) -> None:
+        self.client_state = ClientState.WAITING
+        self._waiting_on = pending
+
+    def _release(self, state: ClientState) -> None:
+        self._waiting_on = None
+        self.client_state = state
+
+    def _on_auth_line(self, raw: bytes) -> None:
+        text, flags = _decode_line(raw)
+        sasl = self._sasl
+        mech = sasl.mechanism if sasl else "?"
+        if text.strip() == "*":
+            self._auth_cancelled = True
+            auth = AuthDecode(mech, {"cancel": "*"})
+        elif sasl is not None:
+            auth = sasl.response(text)
+        else:
+            auth = None
+        self._out.append(AuthResponse(raw, text, flags, auth))
+        if self._auth_pending is not None:
+            self._wait(self._auth_pending)
+
+    def _emit_data(self, chunk: bytes, last: bool = False) -> None:
+        msg = self._message
+        if msg is not None:
+            msg.wire += len(chunk)
+            msg.take_head(chunk)
+            via = msg.via
+        else:
+            via = "BDAT"
+        self._out.append(MessageData(chunk, via, last))
+
+    def _on_body(self, chunk: bytes) -> int:
+        """Consume DATA body octets up to and including the terminator;
+        return how many were consumed."""
+        msg = self._message
+        assert msg is not None
+        prev = msg.prev
+        i = (prev + chunk[:4]).find(_TERM)
+        if i >= 0:
+            end = i + 5 - len(prev)
+        else:
+            j = chunk.find(_TERM)
+            end = j + 5 if j >= 0 else -1
+        piece = chunk if end < 0 else chunk[:end]
+        # count "\r\n." whose dot lies in this piece: each is a stuffed dot,
+        # except the terminator's own
+        edge = prev[-2:] + piece[:2]
+        if edge[0:3] == b"\r\n.":
+            msg.dots += 1
+        if edge[1:4] == b"\r\n.":
+            msg.dots += 1
+        msg.dots += piece.count(b"\r\n.")
+        msg.prev = (prev + piece)[-4:]
+        self._emit_data(piece, last=end >= 0)
+        if end >= 0:
+            self._out.append(msg.end(complete=True))
+            self._message = None
+            self.client_state = ClientState.COMMAND
+        return len(piece)
+
+    # -- server side ------------------------------------------------------
+
+    def _run_server(self) -> None:
+        buf = self._sbuf
+        pos = 0
+        while pos < len(buf):
+            if self.server_tls:
+                self._out.append(Opaque(Side.SERVER, bytes(buf[pos:]), "tls"))
+                pos = len(buf)
+                break
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                if len(buf) - pos > MAX_LINE:
+                    self._out.append(Opaque(Side.SERVER, bytes(buf[pos:]), "line too long"))
+                    self._anomaly(Side.SERVER, "line_too_long", f"a reply line longer than {MAX_LINE} octets")
+                    self._s_discard = True
+                    pos = len(buf)
+                break
+            raw = bytes(buf[pos : nl + 1])
+            pos = nl + 1
+            if self._s_discard:
+                self._s_discard = False
+                self._out.append(Opaque(Side.SERVER, raw, "line too long"))
+                continue
+            self._on_reply_line(raw)
+        del buf[:pos]
+
+    def _on_reply_line(self, raw: bytes) -> None:
+        text, flags = _decode_line(raw)
+        if len(text) < 3 or not text[:3].isdigit() or (len(text) > 3 and text[3] not in " -"):
+            self._anomaly(Side.SERVER, "not_a_reply", f"not an SMTP reply line: {text[:60]!r}")
+            self._out.append(Opaque(Side.SERVER, raw, "not a reply line"))
+            return
+        code = int(text[:3])
+        if self._reply_raw and code != self._reply_code:
+            self._anomaly(Side.SERVER, "code_changed", "reply code changed within a multi-line reply")
+            self._finish_reply()
+        if "bare_lf" in flags:
+            self._anomaly(Side.SERVER, "bare_lf", "a reply line ended with LF alone, not CRLF")
+        self._reply_code = code
+        self._reply_raw.append(raw)
+        self._reply_lines.append(text[4:])
+        if flags:
+            self._reply_flags = tuple(dict.fromkeys(self._reply_flags + flags))
+        if text[3:4] != "-":
+            self._finish_reply()
+
+    def _finish_reply(self) -> None:
+        raw = b"".join(self._reply_raw)
+        lines = tuple(self._reply_lines)
+        code = self._reply_code
+        flags = self._reply_flags
+        self._reply_raw = []
+        self._reply_lines = []
+        self._reply_flags = ()
+        m = _ENHANCED.match(lines[0]) if lines else None
+        enhanced = ".".join(m.groups()) if m else None
+        pending = self._pending[0] if self._pending else None
+        verb = pending.verb if pending else None
+        after: list[Event] = []
+        intermediate = False
+        ends_message = False
+        caps = None
+        auth = None
+        release: ClientState | None = None
+        if pending is None:
+            pass
+        elif verb == "DATA" and code == 354 and not pending.data_started:
+            intermediate = True
+            pending.data_started = True
+            if self._waiting_on is pending:
+                self._message = _Message("DATA")
+                release = ClientState.DATA
+        elif verb == "AUTH" and code == 334:
+            intermediate = True
+            if self._sasl is not None:
+                auth = self._sasl.challenge(lines[0] if lines else "")
+            if self._waiting_on is pending:
+                release = ClientState.AUTH
+        else:
+            self._pending.popleft()
+            ends_message = (verb == "DATA" and pending.data_started) or (verb == "BDAT" and pending.last)
+            if verb in ("EHLO", "HELO") and 200 <= code < 300:
+                caps = parse_capabilities(lines[1:]) if verb == "EHLO" else {}
+                self.capabilities = caps
+            elif verb == "AUTH":
+                sasl = self._sasl
+                after.append(
+                    AuthResult(
+                        mechanism=sasl.mechanism if sasl else "?",
+                        user=sasl.user if sasl else None,
+                        success=200 <= code < 300,
+                        code=code,
+                        cancelled=self._auth_cancelled,
+                    )
+                )
+                self._sasl = None
+            elif verb == "STARTTLS" and code == 220:
+                after.append(TlsStart())
+                self.server_tls = True
+            if self._waiting_on is pending:
+                release = ClientState.TLS if (verb == "STARTTLS" and code == 220) else ClientState.COMMAND
+        self._out.append(
+            Reply(
+                raw=raw,
+                code=code,
+                lines=lines,
+                enhanced=enhanced,
+                command=verb,
+                intermediate=intermediate,
+                ends_message=ends_message,
+                capabilities=caps,
+                flags=flags,
+                auth=auth,
+            )
+        )
+        self._out.extend(after)
+        if release is ClientState.TLS:
+            self._release(release)
+            if self._cbuf:
+                self._anomaly(
+                    Side.CLIENT,
+                    "starttls_injection",
+                    "plaintext sent after STARTTLS before the 220 reply (CVE-2011-0411 class)",
+                    once=False,
+                )
+                self._out.append(Opaque(Side.CLIENT, bytes(self._cbuf), "plaintext pipelined after STARTTLS"))
+                self._cbuf.clear()
+        elif release is not None:
+            self._release(release)
+            if self._cbuf:
+                self._run_client()

@@ -1,0 +1,386 @@
+"""The recording file format: one writer, one reader.
+
+A recording is JSON Lines, one file per client session:
+
+* line 1, the header: ``{"format": "smtpproxy-recording", "version": 1, ...}``;
+* then one line per event, in the order the proxy saw them, each with ``t``
+  (seconds since the session started), ``type`` and ``side``;
+* last, ``{"type": "close", ...}`` saying who closed and why, with totals.
+
+The bytes an event was made from are in ``raw`` when they are valid UTF-8,
+else in ``raw_b64``. ``docs/recording-format.md`` documents the layout; this
+module is the only code that knows it.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as _dt
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+from .events import (
+    Anomaly,
+    AuthDecode,
+    AuthResponse,
+    AuthResult,
+    Command,
+    Event,
+    MessageData,
+    MessageEnd,
+    Note,
+    Opaque,
+    Reply,
+    Side,
+    TlsEstablished,
+    TlsStart,
+)
+
+FORMAT = "smtpproxy-recording"
+VERSION = 1
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "Header",
+    "Entry",
+    "Close",
+    "Recording",
+    "RecordingError",
+    "Recorder",
+    "read_recording",
+    "iter_recordings",
+    "new_session_id",
+    "ensure_private_dir",
+]
+
+_TYPES: dict[type, str] = {
+    Command: "command",
+    AuthResponse: "auth_response",
+    Reply: "reply",
+    MessageData: "data",
+    MessageEnd: "message_end",
+    AuthResult: "auth_result",
+    TlsStart: "tls_start",
+    Opaque: "opaque",
+    Anomaly: "anomaly",
+    TlsEstablished: "tls",
+    Note: "note",
+}
+_CLASSES = {name: cls for cls, name in _TYPES.items()}
+_FIELDS: dict[type, list[dataclasses.Field[Any]]] = {
+    cls: [f for f in dataclasses.fields(cls) if f.name not in ("raw", "side")] for cls in _TYPES
+}
+_MISSING = dataclasses.MISSING
+
+
+class RecordingError(Exception):
+    """A recording that cannot be read; the message names the file and line."""
+
+
+def new_session_id() -> str:
+    """A short random id: never derived from anything a client sent."""
+    return secrets.token_hex(4)
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Create ``path`` (mode 0700) if needed; raise OSError if unusable."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to {path}")
+
+
+@dataclass(frozen=True)
+class Header:
+    session: str
+    start: str
+    client: str
+    listen: str
+    upstream: str
+    version: int = VERSION
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Close:
+    t: float
+    by: str
+    reason: str
+    totals: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One recorded event and when it happened (seconds from the start)."""
+
+    t: float
+    event: Event
+
+
+@dataclass
+class Recording:
+    path: Path
+    header: Header
+    entries: list[Entry]
+    close: Close | None
+    truncated: bool = False
+
+    def raw(self, side: Side) -> bytes:
+        """The bytes ``side`` sent, rebuilt from the events, in order."""
+        return b"".join(e.event.raw for e in self.entries if e.event.side is side)
+
+    def events(self) -> Iterator[Event]:
+        return (e.event for e in self.entries)
+
+
+# -- encoding ---------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Side):
+        return value.value
+    if isinstance(value, AuthDecode):
+        d: dict[str, Any] = {"mechanism": value.mechanism, "fields": dict(value.fields)}
+        if value.error:
+            d["error"] = value.error
+        return d
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def encode_event(t: float, ev: Event) -> dict[str, Any]:
+    """The JSON object for one event."""
+    cls = type(ev)
+    d: dict[str, Any] = {"t": round(t, 6), "type": _TYPES[cls], "side": ev.side.value}
+    for f in _FIELDS[cls]:
+        value = getattr(ev, f.name)
+        if f.default is not _MISSING and value == f.default:
+            continue
+        if f.default_factory is not _MISSING and value == f.default_factory():
+            continue
+        d[f.name] = _plain(value)
+    raw = ev.raw
+    if raw:
+        try:
+            d["raw"] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            d["raw_b64"] = base64.b64encode(raw).decode("ascii")
+    return d
+
+
+def _dumps(obj: Mapping[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def decode_event(d: Mapping[str, Any]) -> Entry:
+    """The inverse of :func:`encode_event`; raises KeyError/ValueError/TypeError."""
+    cls = _CLASSES[d["type"]]
+    kwargs: dict[str, Any] = {}
+    for f in _FIELDS[cls]:
+        if f.name not in d:
+            continue
+        value = d[f.name]
+        if f.name == "auth" and value is not None:
+            value = AuthDecode(value["mechanism"], dict(value.get("fields", {})), value.get("error"))
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    if "raw_b64" in d:
+        raw = base64.b64decode(d["raw_b64"], validate=True)
+    else:
+        raw = str(d.get("raw", "")).encode("utf-8")
+    names = {f.name for f in dataclasses.fields(cls)}
+    if "raw" in names:
+        kwargs["raw"] = raw
+    if "side" in names:
+        kwargs["side"] = Side(d["side"])
+    return Entry(float(d["t"]), cls(**kwargs))
+
+
+# -- writing ----------------------------------------------------------------
+
+
+class Recorder:
+    """Writes one session's recording as it happens.
+
+    Each call to :meth:`write` is one ``write(2)`` of whole lines, with no
+    buffering in between, so a proxy killed at any moment leaves every
+    completed event on disk. A failing disk never raises into the relay: the
+    first error is kept in ``error`` and later writes are dropped and counted.
+    """
+
+    def __init__(self, path: Path, header: Header, clock_start: float) -> None:
+        self.path = path
+        self.error: OSError | None = None
+        self.dropped = 0
+        self._start = clock_start
+        self._fd: int | None = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600
+        )
+        head = {
+            "format": FORMAT,
+            "version": VERSION,
+            "session": header.session,
+            "start": header.start,
+            "client": header.client,
+            "listen": header.listen,
+            "upstream": header.upstream,
+            **dict(header.extra),
+        }
+        self._write_text(_dumps(head) + "\n")
+
+    @classmethod
+    def create(
+        cls, folder: Path, session: str, now: _dt.datetime, clock_start: float, **header: Any
+    ) -> "Recorder":
+        """A new recording in ``folder``, named so a listing sorts by start time."""
+        stamp = now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"
+        path = folder / f"{stamp}-{session}.jsonl"
+        iso = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        extra = {k: v for k, v in header.items() if k not in ("client", "listen", "upstream")}
+        return cls(
+            path,
+            Header(
+                session=session,
+                start=iso,
+                client=str(header.get("client", "")),
+                listen=str(header.get("listen", "")),
+                upstream=str(header.get("upstream", "")),
+                extra=extra,
+            ),
+            clock_start,
+        )
+
+    def _write_text(self, text: str) -> None:
+        if self._fd is None:
+            self.dropped += 1
+            return
+        data = text.encode("utf-8")
+        try:
+            while data:
+                n = os.write(self._fd, data)
+                data = data[n:]
+        except OSError as exc:
+            self.error = exc
+            self.dropped += 1
+            self._abandon()
+
+    def _abandon(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+
+    def write(self, now: float, events: Iterable[Event]) -> None:
+        """Append events seen at clock time ``now``."""
+        t = now - self._start
+        lines = [_dumps(encode_event(t, ev)) for ev in events]
+        if lines:
+            self._write_text("\n".join(lines) + "\n")
+
+    def close(self, now: float, by: str, reason: str, totals: Mapping[str, Any]) -> None:
+        """Write the close line and close the file."""
+        rec = {"t": round(now - self._start, 6), "type": "close", "by": by, "reason": reason}
+        rec["totals"] = dict(totals)
+        self._write_text(_dumps(rec) + "\n")
+        self._abandon()
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+
+# -- reading ----------------------------------------------------------------
+
+#: Converters from older format versions, each taking one version up by one.
+_MIGRATIONS: dict[int, Any] = {}
+
+
+def read_recording(path: Path) -> Recording:
+    """Read a recording. A truncated last line (the proxy killed mid-write) is
+    dropped and flagged; any other damage raises RecordingError naming the
+    file and line."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise RecordingError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    lines = data.split(b"\n")
+    ends_with_newline = data.endswith(b"\n")
+    if ends_with_newline:
+        lines.pop()
+    header: Header | None = None
+    entries: list[Entry] = []
+    close: Close | None = None
+    truncated = False
+    for lineno, line in enumerate(lines, 1):
+        last = lineno == len(lines)
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            if last and not ends_with_newline:
+                truncated = True
+                break
+            raise RecordingError(f"{path}:{lineno}: not valid JSON ({exc})") from None
+        if header is None:
+            header = _read_header(path, obj)
+            continue
+        if obj.get("type") == "close":
+            close = Close(
+                t=float(obj.get("t", 0.0)),
+                by=str(obj.get("by", "")),
+                reason=str(obj.get("reason", "")),
+                totals=obj.get("totals", {}),
+            )
+            continue
+        try:
+            entries.append(decode_event(obj))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise RecordingError(f"{path}:{lineno}: not a valid event ({exc!r})") from None
+    if header is None:
+        raise RecordingError(f"{path}:1: empty file, not a recording")
+    return Recording(Path(path), header, entries, close, truncated)
+
+
+def _read_header(path: Path, obj: Mapping[str, Any]) -> Header:
+    if obj.get("format") != FORMAT:
+        raise RecordingError(f"{path}:1: not an smtpproxy recording (no format header)")
+    version = obj.get("version")
+    if not isinstance(version, int) or version > VERSION or version < 1:
+        raise RecordingError(
+            f"{path}:1: recording format version {version!r} is not supported "
+            f"(this smtpproxy reads up to {VERSION}; upgrade smtpproxy)"
+        )
+    known = {"format", "version", "session", "start", "client", "listen", "upstream"}
+    return Header(
+        session=str(obj.get("session", "")),
+        start=str(obj.get("start", "")),
+        client=str(obj.get("client", "")),
+        listen=str(obj.get("listen", "")),
+        upstream=str(obj.get("upstream", "")),
+        version=version,
+        extra={k: v for k, v in obj.items() if k not in known},
+    )
+
+
+def iter_recordings(paths: Iterable[Path]) -> list[Path]:
+    """Expand folders into their ``*.jsonl`` files, sorted by name (start time)."""
+    out: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            out.extend(sorted(p.glob("*.jsonl")))
+        else:
+            out.append(p)
+    return out

@@ -1,0 +1,191 @@
+"""Events to the console transcript.
+
+Markers follow swaks, which SMTP people already read: ``->`` the client sent,
+``<-`` the server sent, ``~>`` and ``<~`` the same inside TLS, ``==`` what the
+proxy itself observed, ``!!`` a warning. Decoded AUTH payloads are shown in
+brackets beside the raw line.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, TextIO
+
+import click
+
+from .events import (
+    Anomaly,
+    AuthDecode,
+    AuthResponse,
+    AuthResult,
+    Command,
+    Event,
+    MessageData,
+    MessageEnd,
+    Note,
+    Opaque,
+    Reply,
+    Side,
+    TlsEstablished,
+    TlsStart,
+)
+
+__all__ = ["Transcript", "format_auth"]
+
+_COLORS = {"client": "cyan", "server": "green", "proxy": "magenta", "warn": "yellow"}
+
+
+def format_auth(auth: AuthDecode | None) -> str:
+    """``[user="u" password="p"]`` for a decoded SASL step."""
+    if auth is None:
+        return ""
+    items = [f'{k}="{v}"' for k, v in auth.fields.items()]
+    if auth.error:
+        items.append(f"undecodable: {auth.error}")
+    return f"[{' '.join(items)}]" if items else ""
+
+
+def _line(raw: bytes) -> str:
+    text = raw.decode("utf-8", errors="backslashreplace")
+    return text.rstrip("\r\n")
+
+
+class Transcript:
+    """Writes the transcript of one or more sessions to a text stream.
+
+    ``color`` adds click styles; ``quiet`` shows only session summaries;
+    ``show_body`` prints message bodies instead of a one-line summary.
+    """
+
+    def __init__(
+        self,
+        out: TextIO,
+        *,
+        color: bool = False,
+        quiet: bool = False,
+        show_body: bool = False,
+        prefix: bool = True,
+    ) -> None:
+        self._out = out
+        self._color = color
+        self.quiet = quiet
+        self.show_body = show_body
+        self._prefix = prefix
+        self._tls: dict[str, bool] = {}
+
+    def _emit(self, session: str, marker: str, text: str, role: str) -> None:
+        head = f"[{session}] " if self._prefix else ""
+        line = f"{head}{marker} {text}"
+        if self._color:
+            line = click.style(line, fg=_COLORS[role])
+        self._out.write(line + "\n")
+
+    def _flush(self) -> None:
+        try:
+            self._out.flush()
+        except (OSError, ValueError):
+            pass
+
+    def say(self, session: str, text: str, warn: bool = False) -> None:
+        """A line from the proxy itself."""
+        self._emit(session, "!!" if warn else "==", text, "warn" if warn else "proxy")
+        self._flush()
+
+    def events(self, session: str, events: Iterable[Event]) -> None:
+        if self.quiet:
+            for ev in events:
+                if isinstance(ev, Anomaly) and ev.kind in ("starttls_injection",):
+                    self._anomaly(session, ev)
+            return
+        for ev in events:
+            self._event(session, ev)
+        self._flush()
+
+    def _marker(self, session: str, side: Side) -> str:
+        tls = self._tls.get(session, False)
+        if side is Side.CLIENT:
+            return "~>" if tls else "->"
+        return "<~" if tls else "<-"
+
+    def _anomaly(self, session: str, ev: Anomaly) -> None:
+        self._emit(session, "!!", f"{ev.side.value}: {ev.kind}: {ev.detail}", "warn")
+
+    def _event(self, session: str, ev: Event) -> None:
+        emit = self._emit
+        match ev:
+            case Command(auth=auth, flags=flags):
+                extra = format_auth(auth)
+                odd = f" ({', '.join(flags)})" if flags else ""
+                text = _line(ev.raw) + (f"   {extra}" if extra else "") + odd
+                emit(session, self._marker(session, Side.CLIENT), text, "client")
+            case AuthResponse(auth=auth):
+                extra = format_auth(auth)
+                text = _line(ev.raw) + (f"   {extra}" if extra else "")
+                emit(session, self._marker(session, Side.CLIENT), text, "client")
+            case Reply(auth=auth):
+                marker = self._marker(session, Side.SERVER)
+                lines = ev.raw.split(b"\n")
+                if lines and not lines[-1]:
+                    lines.pop()
+                extra = format_auth(auth)
+                for i, raw_line in enumerate(lines):
+                    text = _line(raw_line)
+                    if extra and i == len(lines) - 1:
+                        text += f"   {extra}"
+                    emit(session, marker, text, "server")
+            case MessageData():
+                if self.show_body:
+                    marker = self._marker(session, Side.CLIENT)
+                    for raw_line in ev.raw.splitlines():
+                        emit(session, marker, _line(raw_line), "client")
+            case MessageEnd():
+                emit(session, "==", _describe_message(ev), "proxy")
+            case AuthResult():
+                outcome = "cancelled" if ev.cancelled else ("succeeded" if ev.success else "failed")
+                who = f' user "{ev.user}"' if ev.user is not None else ""
+                emit(session, "==", f"AUTH {ev.mechanism}{who} {outcome} ({ev.code})", "proxy")
+            case TlsStart():
+                emit(session, "==", "STARTTLS agreed: TLS handshake follows", "proxy")
+            case TlsEstablished():
+                self._tls[session] = True
+                emit(session, "==", _describe_tls(ev), "proxy")
+            case Opaque():
+                if ev.reason != "tls":
+                    who = "client" if ev.side is Side.CLIENT else "server"
+                    emit(session, "!!", f"{who} sent {len(ev.raw)} octets: {ev.reason}", "warn")
+                else:
+                    emit(session, self._marker(session, ev.side), f"({len(ev.raw)} octets of TLS)", "proxy")
+            case Anomaly():
+                self._anomaly(session, ev)
+            case Note():
+                emit(session, "!!" if ev.kind.endswith("error") else "==", ev.text, "warn")
+
+    def summary(self, session: str, text: str) -> None:
+        self._emit(session, "==", text, "proxy")
+        self._tls.pop(session, None)
+        self._flush()
+
+
+def _describe_message(ev: MessageEnd) -> str:
+    h: Mapping[str, str] = ev.headers
+    parts = [f"message via {ev.via}: {ev.size} octets"]
+    for name in ("From", "To", "Subject"):
+        if name in h:
+            parts.append(f"{name}: {h[name]}")
+    if not ev.complete:
+        parts.append("INCOMPLETE (connection ended)")
+    return ", ".join(parts)
+
+
+def _describe_tls(ev: TlsEstablished) -> str:
+    who = "client" if ev.side is Side.CLIENT else "server"
+    parts = [f"TLS with {who}: {ev.version} {ev.cipher}"]
+    if ev.sni:
+        parts.append(f"SNI {ev.sni}")
+    if ev.peer:
+        subject = ev.peer.get("subject")
+        if subject:
+            parts.append(f"cert {subject}")
+    if ev.verified:
+        parts.append(f"verification: {ev.verified}")
+    return ", ".join(parts)
+

@@ -1,0 +1,289 @@
+"""The embedded SMTP server: the default upstream of ``smtpproxy record``.
+
+A small, correct RFC 5321 server built on the same ``Conversation`` as the
+proxy. It accepts any credentials and every message (up to SIZE), so the first
+run of the proxy needs no mail server and shows exactly what a client sends.
+It keeps nothing: messages are counted and dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import socket
+from collections import deque
+from dataclasses import dataclass, field
+
+import trio
+
+from .events import AuthResponse, Command, Event, MessageData, MessageEnd, Side
+from .protocol import Conversation, format_reply
+
+__all__ = ["SinkConfig", "Sink", "serve_sink"]
+
+DEFAULT_SIZE = 52_428_800
+_EHLO_KEYWORDS = (
+    "PIPELINING",
+    "8BITMIME",
+    "ENHANCEDSTATUSCODES",
+    "CHUNKING",
+    "SMTPUTF8",
+    "AUTH PLAIN LOGIN CRAM-MD5",
+    "HELP",
+)
+
+
+@dataclass
+class SinkConfig:
+    hostname: str = field(default_factory=lambda: socket.getfqdn() or "localhost")
+    max_size: int = DEFAULT_SIZE
+    idle_timeout: float = 300.0
+
+
+@dataclass
+class SinkStats:
+    sessions: int = 0
+    messages: int = 0
+    octets: int = 0
+
+
+class _Sink:
+    """The server's side of one session: policy only; parsing is the Conversation's."""
+
+    def __init__(self, config: SinkConfig, stats: SinkStats) -> None:
+        self.config = config
+        self.stats = stats
+        self.conv = Conversation()
+        self.helo: str | None = None
+        self.mail_from: str | None = None
+        self.rcpts: list[str] = []
+        self.authed: str | None = None
+        self.auth_mech: str | None = None
+        self.auth_step = 0
+        self.bdat_last = False
+        self.bdat_size = 0
+        self.bdat_failed = False
+        self.quit = False
+        self._released: list[Event] = []
+
+    def greeting(self) -> bytes:
+        return self._reply(220, f"{self.config.hostname} ESMTP smtpproxy sink")
+
+    def _reply(self, code: int, *lines: str) -> bytes:
+        data = format_reply(code, *lines)
+        # the Conversation must see our replies to know what the client sends next
+        self._released = [e for e in self.conv.feed(Side.SERVER, data) if e.side is Side.CLIENT]
+        return data
+
+    def receive(self, data: bytes) -> bytes:
+        """Client bytes in; the replies to send back out."""
+        out = bytearray()
+        todo: deque[Event] = deque(self.conv.feed(Side.CLIENT, data))
+        while todo:
+            ev = todo.popleft()
+            self._released = []
+            reply = self._respond(ev)
+            if reply:
+                out += reply
+                todo.extend(self._released)
+            if self.quit:
+                break
+        return bytes(out)
+
+    def _reset(self) -> None:
+        self.mail_from = None
+        self.rcpts = []
+        self.bdat_failed = False
+
+    def _respond(self, ev: Event) -> bytes | None:
+        match ev:
+            case Command():
+                return self._command(ev)
+            case AuthResponse():
+                return self._auth_step(ev.text)
+            case MessageData(via="BDAT", last=True) if not self.bdat_last:
+                if self.bdat_failed:
+                    return self._reply(503, "5.5.1 need MAIL and RCPT before BDAT")
+                return self._reply(250, f"2.0.0 {self.bdat_size} octets received")
+            case MessageEnd():
+                return self._message(ev)
+        return None
+
+    def _command(self, cmd: Command) -> bytes | None:
+        verb, arg = cmd.verb, cmd.arg.strip()
+        if "bad_utf8" in cmd.flags and verb not in ("DATA", "BDAT"):
+            return self._reply(500, "5.5.2 command is not valid UTF-8")
+        match verb:
+            case "EHLO" | "HELO":
+                if not arg:
+                    return self._reply(501, f"5.5.4 {verb} needs a domain")
+                self.helo = arg
+                self._reset()
+                if verb == "HELO":
+                    return self._reply(250, self.config.hostname)
+                return self._reply(
+                    250,
+                    f"{self.config.hostname} greets {arg}",
+                    f"SIZE {self.config.max_size}",
+                    *_EHLO_KEYWORDS,
+                )
+            case "MAIL":
+                if self.helo is None:
+                    return self._reply(503, "5.5.1 say EHLO or HELO first")
+                if self.mail_from is not None:
+                    return self._reply(503, "5.5.1 nested MAIL command")
+                if cmd.path is None or not arg.upper().startswith("FROM:"):
+                    return self._reply(501, "5.5.4 syntax: MAIL FROM:<address>")
+                for param in arg.split()[1:] if ">" in arg else []:
+                    key, _, value = param.partition("=")
+                    if key.upper() == "SIZE" and value.isdigit() and int(value) > self.config.max_size:
+                        return self._reply(552, "5.3.4 message size exceeds fixed limit")
+                self.mail_from = cmd.path
+                return self._reply(250, "2.1.0 sender ok")
+            case "RCPT":
+                if self.mail_from is None:
+                    return self._reply(503, "5.5.1 need MAIL before RCPT")
+                if not cmd.path or not arg.upper().startswith("TO:"):
+                    return self._reply(501, "5.5.4 syntax: RCPT TO:<address>")
+                self.rcpts.append(cmd.path)
+                return self._reply(250, "2.1.5 recipient ok")
+            case "DATA":
+                if arg:
+                    return self._reply(501, "5.5.4 DATA takes no arguments")
+                if self.mail_from is None or not self.rcpts:
+                    return self._reply(503, "5.5.1 need MAIL and RCPT before DATA")
+                return self._reply(354, "End data with <CR><LF>.<CR><LF>")
+            case "BDAT":
+                parts = arg.split()
+                if not parts or not parts[0].isdigit() or len(parts) > 2 or (
+                    len(parts) == 2 and parts[1].upper() != "LAST"
+                ):
+                    return self._reply(501, "5.5.4 syntax: BDAT <size> [LAST]")
+                if self.mail_from is None or not self.rcpts:
+                    self.bdat_failed = True
+                self.bdat_last = len(parts) == 2
+                self.bdat_size = int(parts[0])
+                if int(parts[0]) == 0 and self.bdat_last:
+                    return None  # MessageEnd follows at once
+                if int(parts[0]) == 0:
+                    return self._reply(250, "2.0.0 0 octets received")
+                return None  # answered when the chunk has arrived
+            case "RSET":
+                self._reset()
+                return self._reply(250, "2.0.0 reset")
+            case "NOOP":
+                return self._reply(250, "2.0.0 ok")
+            case "QUIT":
+                self.quit = True
+                return self._reply(221, "2.0.0 bye")
+            case "VRFY":
+                return self._reply(252, "2.5.2 cannot VRFY user, but will accept message")
+            case "EXPN":
+                return self._reply(502, "5.5.1 EXPN not implemented")
+            case "HELP":
+                return self._reply(214, "2.0.0 see RFC 5321")
+            case "AUTH":
+                return self._auth_start(arg)
+            case "STARTTLS":
+                return self._reply(502, "5.5.1 STARTTLS is not offered here")
+        return self._reply(500, f"5.5.2 command not recognized: {verb[:20]}")
+
+    def _auth_start(self, arg: str) -> bytes:
+        if self.helo is None:
+            return self._reply(503, "5.5.1 say EHLO first")
+        if self.authed is not None:
+            return self._reply(503, "5.5.1 already authenticated")
+        mech, _, initial = arg.partition(" ")
+        mech = mech.upper()
+        if mech not in ("PLAIN", "LOGIN", "CRAM-MD5"):
+            return self._reply(504, f"5.5.4 mechanism {mech[:20]} not supported")
+        self.auth_mech = mech
+        self.auth_step = 0
+        initial = initial.strip()
+        if mech == "PLAIN":
+            if initial:
+                return self._auth_step(initial)
+            return self._reply(334, "")
+        if mech == "LOGIN":
+            if initial:
+                return self._auth_step(initial)
+            return self._reply(334, "VXNlcm5hbWU6")
+        challenge = f"<{secrets.randbelow(10**10)}.{secrets.token_hex(4)}@{self.config.hostname}>"
+        return self._reply(334, base64.b64encode(challenge.encode()).decode())
+
+    def _auth_step(self, text: str) -> bytes:
+        text = text.strip()
+        if text == "*":
+            self.auth_mech = None
+            return self._reply(501, "5.7.0 authentication cancelled")
+        try:
+            decoded = base64.b64decode(text, validate=True) if text != "=" else b""
+        except ValueError:
+            self.auth_mech = None
+            return self._reply(501, "5.5.2 cannot decode base64")
+        mech = self.auth_mech
+        if mech == "LOGIN" and self.auth_step == 0:
+            self.auth_step = 1  # that was the user name; now the password
+            return self._reply(334, "UGFzc3dvcmQ6")
+        if mech == "PLAIN" and decoded.count(b"\x00") != 2:
+            self.auth_mech = None
+            return self._reply(501, "5.5.2 PLAIN wants authzid NUL user NUL password")
+        self.authed = mech
+        self.auth_mech = None
+        return self._reply(235, "2.7.0 Authentication successful (smtpproxy sink accepts any credentials)")
+
+    def _message(self, ev: MessageEnd) -> bytes | None:
+        if ev.via == "BDAT" and self.bdat_failed:
+            self._reset()
+            return self._reply(503, "5.5.1 need MAIL and RCPT before BDAT")
+        if not ev.complete:
+            return None
+        self.mail_from = None
+        self.rcpts = []
+        if ev.size > self.config.max_size:
+            return self._reply(552, "5.3.4 message size exceeds fixed limit")
+        self.stats.messages += 1
+        self.stats.octets += ev.size
+        queue_id = secrets.token_hex(6).upper()
+        return self._reply(250, f"2.0.0 Ok: queued as {queue_id}")
+
+
+class Sink:
+    """Serves the embedded SMTP server on a listener."""
+
+    def __init__(self, config: SinkConfig | None = None) -> None:
+        self.config = config or SinkConfig()
+        self.stats = SinkStats()
+
+    async def serve(
+        self, host: str = "127.0.0.1", port: int = 0, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        addr = listeners[0].socket.getsockname()
+        task_status.started((addr[0], addr[1]))
+        await trio.serve_listeners(self.handle, listeners)
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        self.stats.sessions += 1
+        sink = _Sink(self.config, self.stats)
+        try:
+            await stream.send_all(sink.greeting())
+            while not sink.quit:
+                with trio.move_on_after(self.config.idle_timeout) as idle:
+                    data = await stream.receive_some(65536)
+                if idle.cancelled_caught:
+                    await stream.send_all(format_reply(421, "4.4.2 idle too long, closing"))
+                    break
+                if not data:
+                    break
+                out = sink.receive(data)
+                if out:
+                    await stream.send_all(out)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+
+async def serve_sink(host: str, port: int, config: SinkConfig | None = None, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+    await Sink(config).serve(host, port, task_status=task_status)
