@@ -17,6 +17,7 @@ from .recording import ensure_private_dir
 from .relay import Proxy, ProxyConfig, is_loopback, parse_hostport
 from .render import Transcript
 from .server import Sink, SinkConfig
+from .tls import CertificateAuthority, ServerContexts, TlsFailure, client_context, default_home
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -75,7 +76,7 @@ def main() -> None:
 )
 @click.option(
     "--recordings",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     default=Path("recordings"),
     show_default=True,
     help="Folder for the session recordings (created mode 0700).",
@@ -105,6 +106,43 @@ def main() -> None:
     show_default=True,
     help="Refuse clients beyond this many at once (421 4.3.2).",
 )
+@click.option("--listen-tls", is_flag=True, help="Clients speak TLS from the first byte (SMTPS, port 465 style).")
+@click.option(
+    "--upstream-tls",
+    type=click.Choice(["mirror", "implicit", "plain"]),
+    default="mirror",
+    show_default=True,
+    help="mirror: TLS upstream exactly when the client uses it; implicit: TLS from the first "
+    "byte; plain: never (the proxy answers the client's STARTTLS itself).",
+)
+@click.option(
+    "--cert",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Certificate (PEM, chain) to show clients instead of one minted by the local CA.",
+)
+@click.option(
+    "--key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Private key for --cert (default: --cert holds it).",
+)
+@click.option(
+    "--upstream-ca",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Also trust this CA (PEM) when verifying the upstream's certificate.",
+)
+@click.option("--upstream-insecure", is_flag=True, help="Do not verify the upstream's certificate.")
+@click.option(
+    "--strip-starttls",
+    is_flag=True,
+    help="Remove STARTTLS from the EHLO reply the client sees (test whether it then sends secrets in clear).",
+)
+@click.option(
+    "--keylog",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Append both legs' TLS secrets to this file (NSS key log format, for Wireshark). "
+    "Default: $SSLKEYLOGFILE if set.",
+)
 @color_option
 def record(
     listen: tuple[str, int],
@@ -115,6 +153,14 @@ def record(
     idle_timeout: float,
     connect_timeout: float,
     max_sessions: int,
+    listen_tls: bool,
+    upstream_tls: str,
+    cert: Path | None,
+    key: Path | None,
+    upstream_ca: Path | None,
+    upstream_insecure: bool,
+    strip_starttls: bool,
+    keylog: Path | None,
     color: bool | None,
 ) -> None:
     """Relay mail clients to an SMTP server, showing and recording every
@@ -144,6 +190,27 @@ def record(
             "through this proxy, and their credentials will be recorded",
             err=True,
         )
+    if key is not None and cert is None:
+        raise click.UsageError("--key goes with --cert")
+    keylog_file = str(keylog) if keylog else os.environ.get("SSLKEYLOGFILE") or None
+    ca: CertificateAuthority | None = None
+    try:
+        if cert is None:
+            ca = CertificateAuthority.load_or_create()
+        names = ["localhost", "127.0.0.1", "::1", listen[0]]
+        if upstream is not None:
+            names.append(upstream[0])
+        contexts = ServerContexts(names, ca=ca, cert_file=cert, key_file=key, keylog=keylog_file)
+        upstream_ctx = client_context(upstream_ca, upstream_insecure, keylog_file)
+        if upstream is None and ca is not None:
+            upstream_ctx.load_verify_locations(cafile=str(ca.cert_path))
+    except TlsFailure as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot set up the local CA in {default_home()}: {exc.strerror or exc}; "
+            "set SMTPPROXY_HOME to a writable folder, or give --cert/--key"
+        ) from None
     config = ProxyConfig(
         listen=listen,
         upstream=upstream or ("127.0.0.1", 0),
@@ -151,10 +218,15 @@ def record(
         idle_timeout=idle_timeout,
         connect_timeout=connect_timeout,
         max_sessions=max_sessions,
+        listen_tls=listen_tls,
+        upstream_tls=upstream_tls,
+        upstream_context=upstream_ctx,
+        server_contexts=contexts,
+        strip_starttls=strip_starttls,
     )
     proxy = Proxy(config, transcript)
     try:
-        trio.run(_run_record, proxy, upstream is None)
+        trio.run(_run_record, proxy, upstream is None, ca)
     except OSError as exc:
         raise click.ClickException(
             f"cannot listen on {listen[0]}:{listen[1]}: {exc.strerror or exc}; "
@@ -175,12 +247,19 @@ async def _wait_for_signal() -> None:
             return
 
 
-async def _run_record(proxy: Proxy, embedded: bool) -> None:
+async def _run_record(proxy: Proxy, embedded: bool, ca: CertificateAuthority | None) -> None:
     config = proxy.config
     listeners = await proxy.listen()
     async with trio.open_nursery() as nursery:
         if embedded:
-            sink = Sink(SinkConfig(idle_timeout=config.idle_timeout or 300.0))
+            sink_tls = ServerContexts(["localhost", "127.0.0.1"], ca=ca) if ca is not None else None
+            sink = Sink(
+                SinkConfig(
+                    idle_timeout=config.idle_timeout or 300.0,
+                    tls=sink_tls.default if sink_tls else None,
+                    implicit_tls=config.listen_tls and config.upstream_tls != "plain",
+                )
+            )
             host, port = await nursery.start(sink.serve, "127.0.0.1", 0)
             config.upstream = (host, port)
             config.upstream_label = f"embedded sink {host}:{port}"
@@ -238,3 +317,30 @@ def sink(listen: tuple[str, int], hostname: str | None, max_size: int) -> None:
         f"smtpproxy sink: {server.stats.sessions} session(s), {server.stats.messages} message(s) accepted",
         err=True,
     )
+
+
+@main.command()
+@click.option("--regenerate", is_flag=True, help="Make a new CA, replacing the old one.")
+def ca(regenerate: bool) -> None:
+    """Show the local CA that signs the certificates shown to clients.
+
+    Made on first use in $SMTPPROXY_HOME (default ~/.smtpproxy). Clients
+    must trust it for STARTTLS and implicit TLS interception.
+    """
+    try:
+        authority = CertificateAuthority.load_or_create()
+        if regenerate:
+            authority.regenerate()
+    except TlsFailure as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot use {default_home()}: {exc.strerror or exc}; set SMTPPROXY_HOME to a writable folder"
+        ) from None
+    click.echo(f"path:        {authority.cert_path}")
+    click.echo(f"sha256:      {authority.fingerprint()}")
+    click.echo(
+        "trust it:    swaks --tls-ca-path PATH | msmtp tls_trust_file PATH | "
+        "Python ssl.create_default_context(cafile=PATH) | Thunderbird: Settings > Certificates > Import"
+    )
+    click.echo(authority.pem().decode("ascii"), nl=False)

@@ -315,7 +315,15 @@ class Conversation:
         self.encrypted = True
         self.capabilities = {}
         self._cbuf.clear()
-        self._sbuf.clear()
+        if self._sbuf:
+            self._anomaly(
+                Side.SERVER,
+                "starttls_injection",
+                "server sent plaintext after its 220 to STARTTLS; not carried into TLS",
+                once=False,
+            )
+            self._out.append(Opaque(Side.SERVER, bytes(self._sbuf), "plaintext after 220 to STARTTLS"))
+            self._sbuf.clear()
         self._pending.clear()
         self._waiting_on = None
         self._message = None
@@ -346,6 +354,26 @@ class Conversation:
             self._sbuf.clear()
         out, self._out = self._out, []
         return out
+
+    @property
+    def waiting_for(self) -> str | None:
+        """The verb whose reply the client must wait for (DATA, AUTH,
+        STARTTLS), or None."""
+        if self.client_state is ClientState.WAITING and self._waiting_on is not None:
+            return self._waiting_on.verb
+        return None
+
+    @property
+    def held_client_bytes(self) -> int:
+        """Client bytes received but not yet read (waiting for a reply, or a
+        partial line)."""
+        return len(self._cbuf)
+
+    @property
+    def held_server_bytes(self) -> int:
+        """Server bytes received but not yet read: a partial line, or what
+        followed the 220 to STARTTLS in the same read."""
+        return len(self._sbuf)
 
     @property
     def in_message(self) -> bool:
@@ -550,6 +578,8 @@ class Conversation:
                 self._out.append(Opaque(Side.SERVER, raw, "line too long"))
                 continue
             self._on_reply_line(raw)
+            if self.server_tls:
+                break  # what follows the 220 waits for the caller's TLS decision
         del buf[:pos]
 
     def _on_reply_line(self, raw: bytes) -> None:

@@ -131,8 +131,11 @@ class Recording:
     truncated: bool = False
 
     def raw(self, side: Side) -> bytes:
-        """The bytes ``side`` sent, rebuilt from the events, in order."""
-        return b"".join(e.event.raw for e in self.entries if e.event.side is side)
+        """The bytes ``side`` sent, rebuilt from the events, in order (notes
+        hold bytes the proxy sent itself, not the peer's)."""
+        return b"".join(
+            e.event.raw for e in self.entries if e.event.side is side and not isinstance(e.event, Note)
+        )
 
     def events(self) -> Iterator[Event]:
         return (e.event for e in self.entries)

@@ -12,17 +12,20 @@ import datetime as _dt
 import errno
 import ipaddress
 import math
+import re
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import trio
 
-from .events import Event, Note, Side
+from .events import Event, Note, Reply, Side, TlsEstablished
 from .protocol import Conversation, format_reply
 from .recording import Recorder, new_session_id
 from .render import Transcript
 from .summary import SessionSummary
+from .tls import ServerContexts, handshake_facts
 
 __all__ = ["ProxyConfig", "Proxy", "parse_hostport", "is_loopback"]
 
@@ -72,7 +75,16 @@ class ProxyConfig:
     recordings: Path | None = Path("recordings")
     idle_timeout: float = 300.0
     connect_timeout: float = 10.0
+    handshake_timeout: float = 30.0
     max_sessions: int = 1000
+    #: clients speak TLS from the first byte (SMTPS, RFC 8314)
+    listen_tls: bool = False
+    #: mirror | implicit | plain (see docs/tls.md)
+    upstream_tls: str = "mirror"
+    upstream_context: ssl.SSLContext | None = None
+    upstream_sni: str | None = None
+    server_contexts: ServerContexts | None = None
+    strip_starttls: bool = False
 
 
 @dataclass
@@ -100,8 +112,11 @@ class Session:
         self.id = new_session_id()
         self.conv = Conversation()
         self.summary = SessionSummary()
-        self.client = client
-        self.upstream: trio.abc.Stream | None = None
+        self.streams: dict[Side, trio.abc.Stream] = {Side.CLIENT: client}
+        # one writer at a time per peer, and none while its TLS handshake runs
+        self._locks = {Side.CLIENT: trio.Lock(), Side.SERVER: trio.Lock()}
+        self._strip_tail = b""
+        self._stripped = False
         self.start = trio.current_time()
         self.recorder: Recorder | None = None
         self._warned = False
@@ -171,26 +186,32 @@ class Session:
         self.observe([Note(Side.SERVER, kind, f"proxy replied: {code} {text}", data)])
         with trio.move_on_after(5):
             try:
-                await self.client.send_all(data)
+                await self._send(Side.CLIENT, data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+
+    async def _send(self, side: Side, data: bytes) -> None:
+        """Send to ``side``'s peer, over whatever stream it has now."""
+        async with self._locks[side]:
+            await self.streams[side].send_all(data)
+
+    def _end(self, by: str, reason: str) -> None:
+        if not self.closed_by:
+            self.closed_by, self.reason = by, reason
 
     async def run(self) -> None:
         self.open_recording()
         self._say(f"client {self.peer} connected")
         try:
-            await self._connect()
-            if self.upstream is not None:
+            if await self._start():
                 await self._relay()
         finally:
             self.observe(self.conv.close())
             with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(self.client)
-                if self.upstream is not None:
-                    await trio.aclose_forcefully(self.upstream)
+                for stream in self.streams.values():
+                    await trio.aclose_forcefully(stream)
             duration = trio.current_time() - self.start
-            if not self.closed_by:
-                self.closed_by, self.reason = "proxy", "proxy shutting down"
+            self._end("proxy", "proxy shutting down")
             if self.recorder is not None:
                 self.recorder.close(trio.current_time(), self.closed_by, self.reason, self.summary.totals())
                 if self.recorder.failed:
@@ -205,70 +226,271 @@ class Session:
             except (OSError, ValueError):
                 pass
 
-    async def _connect(self) -> None:
+    async def _start(self) -> bool:
+        """Implicit TLS with the client, the upstream connection, implicit TLS
+        with the upstream. False when the session cannot go on."""
+        cfg = self.proxy.config
+        if cfg.listen_tls:
+            if not await self._client_handshake():
+                return False
+            self.conv.implicit_tls()
+        if not await self._connect():
+            return False
+        if cfg.upstream_tls == "implicit" or (cfg.upstream_tls == "mirror" and cfg.listen_tls):
+            if not await self._upstream_handshake():
+                await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", "proxy_reply")
+                return False
+            self.conv.implicit_tls()
+        return True
+
+    async def _connect(self) -> bool:
         cfg = self.proxy.config
         host, port = cfg.upstream
         reason = ""
         try:
             with trio.fail_after(cfg.connect_timeout):
-                self.upstream = await trio.open_tcp_stream(host, port)
-            return
+                self.streams[Side.SERVER] = await trio.open_tcp_stream(host, port)
+            return True
         except trio.TooSlowError:
             reason = f"no answer within {cfg.connect_timeout:g}s"
         except OSError as exc:
-            reason = exc.strerror or str(exc)
-            if exc.errno == errno.ECONNREFUSED:
-                reason = "connection refused"
+            reason = _connect_reason(exc)
         label = cfg.upstream_label or _fmt_addr(cfg.upstream)
-        self.closed_by, self.reason = "proxy", f"upstream {label} unreachable: {reason}"
+        self._end("proxy", f"upstream {label} unreachable: {reason}")
         self.observe([Note(Side.SERVER, "upstream_error", self.reason)])
         await self._reply_to_client(421, f"4.4.0 smtpproxy: upstream {label} unreachable: {reason}", "proxy_reply")
+        return False
+
+    # -- TLS ----------------------------------------------------------------
+
+    async def _client_handshake(self) -> bool:
+        """Shake hands with the client as a TLS server."""
+        cfg = self.proxy.config
+        contexts = cfg.server_contexts
+        if contexts is None:
+            self._end("proxy", "TLS requested but no certificate is configured")
+            self.observe([Note(Side.CLIENT, "tls_error", self.reason)])
+            return False
+        stream = trio.SSLStream(self.streams[Side.CLIENT], contexts.default, server_side=True)
+        try:
+            with trio.fail_after(cfg.handshake_timeout):
+                async with self._locks[Side.CLIENT]:
+                    await stream.do_handshake()
+                    self.streams[Side.CLIENT] = stream
+        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+            cause = _tls_reason(exc)
+            self._end(
+                "client",
+                f"TLS handshake with the client failed: {cause}"
+                + (
+                    "; if the client does not trust the proxy, run 'smtpproxy ca' and trust that CA"
+                    if any(w in cause.lower() for w in ("alert", "certificate", "eof", "closed", "unknown_ca"))
+                    else ""
+                ),
+            )
+            self.observe([Note(Side.CLIENT, "tls_error", self.reason)])
+            await trio.aclose_forcefully(stream)
+            return False
+        facts = handshake_facts(stream._ssl_object)
+        self.observe(
+            [
+                TlsEstablished(
+                    Side.CLIENT,
+                    facts.version,
+                    facts.cipher,
+                    sni=contexts.sni_of(stream._ssl_object),
+                )
+            ]
+        )
+        return True
+
+    async def _upstream_handshake(self) -> bool:
+        """Shake hands with the upstream as a TLS client."""
+        cfg = self.proxy.config
+        ctx = cfg.upstream_context
+        if ctx is None:
+            self._end("proxy", "upstream TLS requested but no client context is configured")
+            return False
+        sni = cfg.upstream_sni or cfg.upstream[0]
+        stream = trio.SSLStream(
+            self.streams[Side.SERVER], ctx, server_hostname=sni if not _is_ip(sni) or ctx.check_hostname else None
+        )
+        try:
+            with trio.fail_after(cfg.handshake_timeout):
+                async with self._locks[Side.SERVER]:
+                    await stream.do_handshake()
+                    self.streams[Side.SERVER] = stream
+        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+            self._end("proxy", f"TLS handshake with the upstream failed: {_tls_reason(exc)}")
+            self.observe([Note(Side.SERVER, "tls_error", self.reason)])
+            await trio.aclose_forcefully(stream)
+            return False
+        facts = handshake_facts(stream._ssl_object)
+        verified = "skipped (--upstream-insecure)" if ctx.verify_mode == ssl.CERT_NONE else "ok"
+        self.observe(
+            [TlsEstablished(Side.SERVER, facts.version, facts.cipher, sni=sni, peer=facts.peer, verified=verified)]
+        )
+        return True
+
+    async def _starttls(self, upgrade_upstream: bool, reply: bytes) -> bool:
+        """The client's STARTTLS was agreed: upgrade the upstream first (so a
+        failure there can still be told to the client in clear), then pass
+        the 220 on and shake hands with the client."""
+        if upgrade_upstream and not await self._upstream_handshake():
+            await self._reply_to_client(
+                421, f"4.7.0 smtpproxy: {self.reason}", "proxy_reply"
+            )
+            return False
+        try:
+            await self._send(Side.CLIENT, reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._end("client", "client went away during STARTTLS")
+            return False
+        if not await self._client_handshake():
+            return False
+        self.observe(self.conv.tls_established())
+        return True
+
+    # -- relaying -----------------------------------------------------------
 
     async def _relay(self) -> None:
         cfg = self.proxy.config
-        assert self.upstream is not None
         idle = cfg.idle_timeout if cfg.idle_timeout > 0 else math.inf
         done = {Side.CLIENT: False, Side.SERVER: False}
+        resume_client = trio.Event()
+
         async with trio.open_nursery() as nursery:
             scope = nursery.cancel_scope
             scope.deadline = trio.current_time() + idle
 
-            async def pump(side: Side, src: trio.abc.Stream, dst: trio.abc.Stream) -> None:
+            async def pump(side: Side) -> None:
+                nonlocal resume_client
+                conv = self.conv
+                other = side.other
                 try:
                     while True:
-                        data = await src.receive_some(BUFSIZE)
+                        data = await self.streams[side].receive_some(BUFSIZE)
                         if not data:
                             break
                         scope.deadline = trio.current_time() + idle
-                        self.observe(self.conv.feed(side, data))
-                        await dst.send_all(data)
+                        events = conv.feed(side, data)
+                        if side is Side.CLIENT and conv.waiting_for == "STARTTLS":
+                            # never carry bytes pipelined after STARTTLS into TLS
+                            held = conv.held_client_bytes
+                            self.observe(events)
+                            if cfg.upstream_tls == "plain":
+                                if not await self._local_starttls():
+                                    scope.cancel()
+                                    return
+                                continue
+                            await self._send(other, data[: len(data) - held] if held else data)
+                            await resume_client.wait()
+                            resume_client = trio.Event()
+                            if self.closed_by:
+                                scope.cancel()
+                                return
+                            continue
+                        if side is Side.SERVER and any(
+                            isinstance(e, Reply) and e.command == "STARTTLS" for e in events
+                        ):
+                            self.observe(events)
+                            held = conv.held_server_bytes
+                            upto = data[: len(data) - held] if held else data
+                            if conv.server_tls:
+                                ok = await self._starttls(True, upto)
+                                if not ok:
+                                    scope.cancel()
+                            else:
+                                await self._send(other, upto)
+                            resume_client.set()
+                            continue
+                        if side is Side.SERVER and cfg.strip_starttls and not self.conv.encrypted:
+                            data = self._strip_starttls(data)
+                        self.observe(events)
+                        await self._send(other, data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self._ended(side, f"connection lost: {exc.__cause__ or exc}")
+                    self._end(side.value, f"connection lost: {exc.__cause__ or exc}")
                     scope.cancel()
                     return
                 done[side] = True
-                self._ended(side, "closed the connection")
-                if side is Side.SERVER or done[Side.CLIENT] and done[Side.SERVER]:
+                self._end(side.value, f"{side.value} closed the connection")
+                if side is Side.SERVER or (done[Side.CLIENT] and done[Side.SERVER]):
                     scope.cancel()
                     return
                 # the client is done sending: pass the half-close on, and
                 # keep reading the server's last replies
                 try:
-                    await dst.send_eof()  # type: ignore[attr-defined]
+                    await self.streams[other].send_eof()  # type: ignore[attr-defined]
                 except (trio.BrokenResourceError, trio.ClosedResourceError, AttributeError):
                     scope.cancel()
 
-            nursery.start_soon(pump, Side.CLIENT, self.client, self.upstream)
-            nursery.start_soon(pump, Side.SERVER, self.upstream, self.client)
+            nursery.start_soon(pump, Side.CLIENT)
+            nursery.start_soon(pump, Side.SERVER)
         if scope.cancelled_caught and not self.closed_by:
-            self.closed_by, self.reason = "proxy", f"idle for {cfg.idle_timeout:g}s"
+            self._end("proxy", f"idle for {cfg.idle_timeout:g}s")
             self.observe([Note(Side.CLIENT, "idle_timeout", self.reason)])
             await self._reply_to_client(421, f"4.4.2 smtpproxy: idle for {cfg.idle_timeout:g}s, closing", "proxy_reply")
 
-    def _ended(self, side: Side, how: str) -> None:
-        if not self.closed_by:
-            self.closed_by = side.value
-            self.reason = f"{side.value} {how}" if not how.startswith("connection") else how
+    async def _local_starttls(self) -> bool:
+        """``--upstream-tls plain``: answer the client's STARTTLS here and do
+        not pass it on; the upstream leg stays in clear."""
+        reply = format_reply(220, "2.0.0 Ready to start TLS (answered by smtpproxy)")
+        events = self.conv.feed(Side.SERVER, reply)
+        self.observe([Note(Side.SERVER, "proxy_reply", "STARTTLS answered by the proxy", reply)])
+        self.observe([e for e in events if not isinstance(e, Reply)])
+        return await self._starttls(False, reply)
+
+    def _strip_starttls(self, data: bytes) -> bytes:
+        """``--strip-starttls``: in the EHLO reply the client sees, STARTTLS
+        becomes ``XXXXXXXA`` (an unknown keyword of the same length, as
+        middleboxes do), so the client believes TLS is not offered. Only
+        whole lines are rewritten; a partial last line waits for its end."""
+        data = self._strip_tail + data
+        cut = data.rfind(b"\n") + 1
+        self._strip_tail = data[cut:]
+        data, n = _STARTTLS_LINE.subn(rb"\1XXXXXXXA", data[:cut])
+        if n and not self._stripped:
+            self._stripped = True
+            self.observe([Note(Side.SERVER, "strip_starttls", "STARTTLS hidden from the client's EHLO reply")])
+        return data
+
+
+_STARTTLS_LINE = re.compile(rb"(?mi)^(250[ -])STARTTLS(?=[ \t]*\r?\n)")
+
+
+def _connect_reason(exc: OSError) -> str:
+    """Why a connect failed, in words: trio wraps the per-address errors."""
+    causes: list[BaseException] = [exc]
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        causes = list(cause.exceptions) + causes
+    elif cause is not None:
+        causes.insert(0, cause)
+    for c in causes:
+        if isinstance(c, OSError) and c.errno == errno.ECONNREFUSED:
+            return "connection refused"
+        if isinstance(c, OSError) and c.strerror:
+            return c.strerror
+    return str(exc)
+
+
+def _tls_reason(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    cause = exc.__cause__ or exc.__context__ or exc
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {cause.verify_message}"
+    if isinstance(cause, ssl.SSLError):
+        return cause.reason or str(cause)
+    return str(cause) or type(cause).__name__
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
 
 
 class Proxy:

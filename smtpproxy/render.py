@@ -86,7 +86,9 @@ class Transcript:
             pass
 
     def say(self, session: str, text: str, warn: bool = False) -> None:
-        """A line from the proxy itself."""
+        """A line from the proxy itself (warnings show even when quiet)."""
+        if self.quiet and not warn:
+            return
         self._emit(session, "!!" if warn else "==", text, "warn" if warn else "proxy")
         self._flush()
 

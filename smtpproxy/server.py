@@ -9,17 +9,22 @@ It keeps nothing: messages are counted and dropped.
 from __future__ import annotations
 
 import base64
+import contextlib
+import logging
 import secrets
 import socket
+import ssl
 from collections import deque
 from dataclasses import dataclass, field
 
 import trio
 
-from .events import AuthResponse, Command, Event, MessageData, MessageEnd, Side
-from .protocol import Conversation, format_reply
+from .events import AuthResponse, Command, Event, MessageData, MessageEnd, Opaque, Side
+from .protocol import MAX_LINE, ClientState, Conversation, format_reply
 
 __all__ = ["SinkConfig", "Sink", "serve_sink"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SIZE = 52_428_800
 _EHLO_KEYWORDS = (
@@ -38,6 +43,10 @@ class SinkConfig:
     hostname: str = field(default_factory=lambda: socket.getfqdn() or "localhost")
     max_size: int = DEFAULT_SIZE
     idle_timeout: float = 300.0
+    #: offer STARTTLS with this server context (None: not offered)
+    tls: "ssl.SSLContext | None" = None
+    #: speak TLS from the first byte
+    implicit_tls: bool = False
 
 
 @dataclass
@@ -60,9 +69,14 @@ class _Sink:
         self.authed: str | None = None
         self.auth_mech: str | None = None
         self.auth_step = 0
-        self.bdat_last = False
-        self.bdat_size = 0
-        self.bdat_failed = False
+        #: the BDAT command whose chunk is not answered yet, the octets of
+        #: that chunk seen so far, and whether its last octet has arrived
+        self.bdat_cmd: Command | None = None
+        self.chunk_octets = 0
+        self.chunk_seen = False
+        #: octets accepted by BDAT in this transaction (None: no BDAT yet)
+        self.bdat_octets: int | None = None
+        #: close the connection once the replies are sent
         self.quit = False
         self._released: list[Event] = []
 
@@ -71,46 +85,69 @@ class _Sink:
 
     def _reply(self, code: int, *lines: str) -> bytes:
         data = format_reply(code, *lines)
-        # the Conversation must see our replies to know what the client sends next
-        self._released = [e for e in self.conv.feed(Side.SERVER, data) if e.side is Side.CLIENT]
+        # the Conversation must see our replies to know what the client sends
+        # next; client bytes it held back until now come out as events
+        self._released += [e for e in self.conv.feed(Side.SERVER, data) if e.side is Side.CLIENT]
         return data
 
     def receive(self, data: bytes) -> bytes:
         """Client bytes in; the replies to send back out."""
         out = bytearray()
         todo: deque[Event] = deque(self.conv.feed(Side.CLIENT, data))
-        while todo:
-            ev = todo.popleft()
-            self._released = []
-            reply = self._respond(ev)
-            if reply:
-                out += reply
+        while not self.quit:
+            while todo and not self.quit:
+                ev = todo.popleft()
+                if self.bdat_cmd is not None and isinstance(ev, (Command, AuthResponse, Opaque)):
+                    out += self._chunk_done(last=False)
+                out += self._respond(ev) or b""
                 todo.extend(self._released)
-            if self.quit:
+                self._released = []
+            # a BDAT is answered once its chunk is read; no chunk may follow it
+            # at all (the Conversation did not read it as a chunk)
+            if self.bdat_cmd is None or (
+                not self.chunk_seen and self.conv.client_state is ClientState.BDAT
+            ):
                 break
+            out += self._chunk_done(last=False)
+            todo.extend(self._released)
+            self._released = []
         return bytes(out)
 
     def _reset(self) -> None:
         self.mail_from = None
         self.rcpts = []
-        self.bdat_failed = False
+        self.bdat_octets = None
 
     def _respond(self, ev: Event) -> bytes | None:
         match ev:
             case Command():
                 return self._command(ev)
             case AuthResponse():
+                if len(ev.raw) > MAX_LINE:
+                    self.auth_mech = None
+                    return self._reply(500, "5.5.6 authentication exchange line is too long")
                 return self._auth_step(ev.text)
-            case MessageData(via="BDAT", last=True) if not self.bdat_last:
-                if self.bdat_failed:
-                    return self._reply(503, "5.5.1 need MAIL and RCPT before BDAT")
-                return self._reply(250, f"2.0.0 {self.bdat_size} octets received")
+            case MessageData(via="BDAT") if self.bdat_cmd is not None:
+                self.chunk_octets += len(ev.raw)
+                self.chunk_seen = ev.last
+            case MessageEnd(via="BDAT"):
+                return self._chunk_done(last=True)
             case MessageEnd():
                 return self._message(ev)
+            case Opaque(reason="line too long") if ev.raw.endswith(b"\n"):
+                if self.auth_mech is not None:
+                    # RFC 4954 section 6; the Conversation keeps reading SASL
+                    # lines after this reply, so the session cannot go on
+                    self.auth_mech = None
+                    self.quit = True
+                    return self._reply(500, "5.5.6 authentication exchange line is too long")
+                return self._reply(500, "5.5.2 line too long")
         return None
 
     def _command(self, cmd: Command) -> bytes | None:
         verb, arg = cmd.verb, cmd.arg.strip()
+        if len(cmd.raw) > MAX_LINE:
+            return self._reply(500, "5.5.2 line too long")
         if "bad_utf8" in cmd.flags and verb not in ("DATA", "BDAT"):
             return self._reply(500, "5.5.2 command is not valid UTF-8")
         match verb:
@@ -136,7 +173,11 @@ class _Sink:
                     return self._reply(501, "5.5.4 syntax: MAIL FROM:<address>")
                 for param in arg.split()[1:] if ">" in arg else []:
                     key, _, value = param.partition("=")
-                    if key.upper() == "SIZE" and value.isdigit() and int(value) > self.config.max_size:
+                    if key.upper() != "SIZE":
+                        continue
+                    if not (value.isascii() and value.isdigit()):
+                        return self._reply(501, "5.5.4 syntax: SIZE=<octets> (RFC 1870)")
+                    if int(value) > self.config.max_size:
                         return self._reply(552, "5.3.4 message size exceeds fixed limit")
                 self.mail_from = cmd.path
                 return self._reply(250, "2.1.0 sender ok")
@@ -152,22 +193,13 @@ class _Sink:
                     return self._reply(501, "5.5.4 DATA takes no arguments")
                 if self.mail_from is None or not self.rcpts:
                     return self._reply(503, "5.5.1 need MAIL and RCPT before DATA")
+                if self.bdat_octets is not None:
+                    # RFC 3030 section 3: DATA and BDAT do not mix in one transaction
+                    return self._reply(503, "5.5.1 DATA after BDAT; RSET first")
                 return self._reply(354, "End data with <CR><LF>.<CR><LF>")
             case "BDAT":
-                parts = arg.split()
-                if not parts or not parts[0].isdigit() or len(parts) > 2 or (
-                    len(parts) == 2 and parts[1].upper() != "LAST"
-                ):
-                    return self._reply(501, "5.5.4 syntax: BDAT <size> [LAST]")
-                if self.mail_from is None or not self.rcpts:
-                    self.bdat_failed = True
-                self.bdat_last = len(parts) == 2
-                self.bdat_size = int(parts[0])
-                if int(parts[0]) == 0 and self.bdat_last:
-                    return None  # MessageEnd follows at once
-                if int(parts[0]) == 0:
-                    return self._reply(250, "2.0.0 0 octets received")
-                return None  # answered when the chunk has arrived
+                self.bdat_cmd = cmd
+                return None  # answered once its chunk is read: _chunk_done
             case "RSET":
                 self._reset()
                 return self._reply(250, "2.0.0 reset")
@@ -193,8 +225,12 @@ class _Sink:
             return self._reply(503, "5.5.1 say EHLO first")
         if self.authed is not None:
             return self._reply(503, "5.5.1 already authenticated")
+        if self.mail_from is not None:
+            return self._reply(503, "5.5.1 AUTH is not permitted during a mail transaction")
         mech, _, initial = arg.partition(" ")
         mech = mech.upper()
+        if not mech:
+            return self._reply(501, "5.5.4 syntax: AUTH <mechanism> [initial-response]")
         if mech not in ("PLAIN", "LOGIN", "CRAM-MD5"):
             return self._reply(504, f"5.5.4 mechanism {mech[:20]} not supported")
         self.auth_mech = mech
@@ -233,17 +269,44 @@ class _Sink:
         return self._reply(235, "2.7.0 Authentication successful (smtpproxy sink accepts any credentials)")
 
     def _message(self, ev: MessageEnd) -> bytes | None:
-        if ev.via == "BDAT" and self.bdat_failed:
-            self._reset()
-            return self._reply(503, "5.5.1 need MAIL and RCPT before BDAT")
+        """The end of a DATA body (RFC 5321 section 4.1.1.4)."""
         if not ev.complete:
             return None
-        self.mail_from = None
-        self.rcpts = []
-        if ev.size > self.config.max_size:
+        return self._accept(ev.size)
+
+    def _chunk_done(self, last: bool) -> bytes:
+        """Answer a BDAT command once its chunk has been read: the server reads
+        the chunk whatever it then answers (RFC 3030 section 2), and a failed
+        chunk fails the transaction."""
+        cmd, octets = self.bdat_cmd, self.chunk_octets
+        self.bdat_cmd, self.chunk_octets, self.chunk_seen = None, 0, False
+        if cmd is None:
+            return b""
+        parts = cmd.arg.split()
+        if not (1 <= len(parts) <= 2 and parts[0].isascii() and parts[0].isdigit()) or (
+            len(parts) == 2 and parts[1].upper() != "LAST"
+        ):
+            self._reset()
+            return self._reply(501, "5.5.4 syntax: BDAT <size> [LAST]")
+        if self.mail_from is None or not self.rcpts:
+            self._reset()
+            return self._reply(503, "5.5.1 need MAIL and RCPT before BDAT")
+        total = (self.bdat_octets or 0) + octets
+        if last:
+            return self._accept(total)
+        if total > self.config.max_size:
+            self._reset()
+            return self._reply(552, "5.3.4 message size exceeds fixed limit")
+        self.bdat_octets = total
+        return self._reply(250, f"2.0.0 {octets} octets received")
+
+    def _accept(self, size: int) -> bytes:
+        """Count and drop a complete message: the transaction ends here."""
+        self._reset()
+        if size > self.config.max_size:
             return self._reply(552, "5.3.4 message size exceeds fixed limit")
         self.stats.messages += 1
-        self.stats.octets += ev.size
+        self.stats.octets += size
         queue_id = secrets.token_hex(6).upper()
         return self._reply(250, f"2.0.0 Ok: queued as {queue_id}")
 
@@ -281,6 +344,11 @@ class Sink:
                     await stream.send_all(out)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        except Exception:
+            # a bug met by one session must not stop the server for the others
+            log.exception("sink session failed; closing it")
+            with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(format_reply(421, "4.3.0 internal error, closing"))
         finally:
             await trio.aclose_forcefully(stream)
 

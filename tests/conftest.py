@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import re
+import selectors
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -150,3 +156,146 @@ async def wait_for_sessions(proxy: Proxy, count: int, timeout: float = 10) -> No
     """Wait until ``count`` sessions have ended (their recordings closed)."""
     with trio.fail_after(timeout):
         await proxy.wait_sessions_ended(count)
+
+
+# -- the real command, as a subprocess ---------------------------------------
+
+SMTPPROXY = [sys.executable, "-m", "smtpproxy"]
+_BANNER = re.compile(r"listening on (\S+):(\d+)[ ,]")
+
+
+def smtpproxy_env(cwd: Path) -> dict[str, str]:
+    """The environment for a child smtpproxy: no colors whatever the terminal,
+    and its local CA in ``cwd/.smtpproxy-home``, never in the real home."""
+    return {**os.environ, "NO_COLOR": "1", "SMTPPROXY_HOME": str(cwd / ".smtpproxy-home")}
+
+
+def run_smtpproxy_once(*args: str, cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run a command that is expected to exit by itself (``--help``, a usage error)."""
+    return subprocess.run(
+        [*SMTPPROXY, *args],
+        cwd=cwd,
+        env=smtpproxy_env(cwd),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@dataclass
+class Finished:
+    """How a child smtpproxy ended: exit code (``-N`` for signal N) and output."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class SmtpproxyProcess:
+    """A running ``smtpproxy record`` or ``smtpproxy sink`` this test started.
+
+    Both pipes are drained while the test waits for output, so a chatty
+    transcript cannot block the child. Every wait is bounded.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.out = bytearray()
+        self.err = bytearray()
+        self.host = ""
+        self.port = 0
+        self.banner = ""
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def _wait(self, buffer: bytearray, pattern: bytes, timeout: float) -> bytes:
+        """Read both pipes until a complete line of ``buffer`` contains ``pattern``."""
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        targets = {self.proc.stdout.fileno(): self.out, self.proc.stderr.fileno(): self.err}
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            for fd in targets:
+                sel.register(fd, selectors.EVENT_READ)
+            while True:
+                for line in bytes(buffer).split(b"\n")[:-1]:
+                    if pattern in line:
+                        return line
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not sel.get_map():
+                    raise AssertionError(
+                        f"smtpproxy never printed {pattern!r} (exit code {self.proc.poll()}); "
+                        f"stdout: {bytes(self.out)!r}; stderr: {bytes(self.err)!r}"
+                    )
+                for key, _ in sel.select(remaining):
+                    chunk = os.read(key.fd, 65536)
+                    if chunk:
+                        targets[key.fd].extend(chunk)
+                    else:
+                        sel.unregister(key.fd)
+
+    def wait_stdout(self, pattern: str, timeout: float = 10) -> str:
+        """The first transcript line containing ``pattern``, once printed."""
+        return self._wait(self.out, pattern.encode(), timeout).decode()
+
+    def wait_listening(self, timeout: float = 15) -> None:
+        """Wait for the stderr banner ``... listening on HOST:PORT ...``."""
+        self.banner = self._wait(self.err, b"listening on ", timeout).decode()
+        match = _BANNER.search(self.banner)
+        assert match is not None, self.banner
+        self.host, self.port = match.group(1), int(match.group(2))
+
+    def finish(self, sig: int = signal.SIGTERM, timeout: float = 15) -> Finished:
+        """Send ``sig`` to the child (by its pid) and collect everything it printed."""
+        self.proc.send_signal(sig)
+        out, err = self.proc.communicate(timeout=timeout)
+        return Finished(
+            self.proc.returncode,
+            (bytes(self.out) + out).decode("utf-8", "replace"),
+            (bytes(self.err) + err).decode("utf-8", "replace"),
+        )
+
+
+@contextlib.contextmanager
+def smtpproxy_process(*args: str, cwd: Path, startup_timeout: float = 15) -> Iterator[SmtpproxyProcess]:
+    """Start ``python -m smtpproxy ARGS`` and wait until it listens.
+
+    On the way out the child is killed if the test left it running, and its
+    pipes are closed.
+    """
+    proc = subprocess.Popen(
+        [*SMTPPROXY, *args],
+        cwd=cwd,
+        env=smtpproxy_env(cwd),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        child = SmtpproxyProcess(proc)
+        child.wait_listening(startup_timeout)
+        yield child
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        proc.wait(timeout=15)
+
+
+def read_reply(sock: socket.socket) -> bytes:
+    """One complete (possibly multi-line) SMTP reply from a blocking socket
+    with a timeout set; the bytes after it are not consumed."""
+    data = bytearray()
+    while True:
+        lines = bytes(data).split(b"\r\n")
+        for i, line in enumerate(lines[:-1]):
+            if len(line) < 4 or line[3:4] != b"-":
+                return b"\r\n".join(lines[: i + 1]) + b"\r\n"
+        byte = sock.recv(1)
+        if not byte:
+            raise AssertionError(f"connection closed in the middle of a reply: {bytes(data)!r}")
+        data += byte

@@ -1,0 +1,355 @@
+"""TLS for the proxy: the local CA, leaf certificates, SSL contexts, and the
+facts of a finished handshake.
+
+The CA is made once with the ``cryptography`` package in ``$SMTPPROXY_HOME``
+(default ``~/.smtpproxy``; folder 0700, key 0600), like mitmproxy's
+``~/.mitmproxy``. Leaf certificates for the names clients ask for (SNI) are
+minted on demand, all with one leaf key, and cached.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import ipaddress
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = [
+    "CertificateAuthority",
+    "default_home",
+    "ServerContexts",
+    "client_context",
+    "describe_certificate",
+    "TlsFailure",
+]
+
+CA_CERT = "smtpproxy-ca.pem"
+CA_KEY = "smtpproxy-ca-key.pem"
+_LEAF_DAYS = 397  # the longest validity browsers and Apple clients accept
+
+
+class TlsFailure(Exception):
+    """A TLS problem the user can fix; the message says how."""
+
+
+def default_home() -> Path:
+    home = os.environ.get("SMTPPROXY_HOME")
+    return Path(home) if home else Path.home() / ".smtpproxy"
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.chmod(path, 0o600)
+
+
+def _new_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+class CertificateAuthority:
+    """The local CA that signs the certificates the proxy shows clients."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.cert_path = home / CA_CERT
+        self.key_path = home / CA_KEY
+        self._cert: x509.Certificate | None = None
+        self._key: rsa.RSAPrivateKey | None = None
+        self._leaf_key: rsa.RSAPrivateKey | None = None
+        self._leaves: dict[tuple[str, ...], tuple[bytes, bytes]] = {}
+
+    @classmethod
+    def load_or_create(cls, home: Path | None = None) -> "CertificateAuthority":
+        ca = cls(home or default_home())
+        if ca.cert_path.exists() and ca.key_path.exists():
+            ca._load()
+        else:
+            ca.regenerate()
+        return ca
+
+    def _load(self) -> None:
+        try:
+            cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+            key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+        except (OSError, ValueError) as exc:
+            raise TlsFailure(
+                f"cannot load the CA in {self.home}: {exc}; run 'smtpproxy ca --regenerate'"
+            ) from None
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise TlsFailure(f"{self.key_path} is not an RSA key; run 'smtpproxy ca --regenerate'")
+        self._cert, self._key = cert, key
+
+    def regenerate(self) -> None:
+        """Make a new CA key and certificate (10 years), replacing any old one."""
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.home, 0o700)
+        key = _new_key()
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.COMMON_NAME, "smtpproxy local CA"),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "smtpproxy"),
+            ]
+        )
+        now = _now()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _dt.timedelta(days=1))
+            .not_valid_after(now + _dt.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        _write_private(
+            self.key_path,
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+        self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        self._cert, self._key = cert, key
+        self._leaves.clear()
+
+    @property
+    def cert(self) -> x509.Certificate:
+        assert self._cert is not None
+        return self._cert
+
+    def pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def fingerprint(self) -> str:
+        return _colon_hex(self.cert.fingerprint(hashes.SHA256()))
+
+    def leaf(self, names: Iterable[str]) -> tuple[bytes, bytes]:
+        """(certificate chain PEM, key PEM) for these DNS names and IP addresses."""
+        key_names = tuple(sorted(dict.fromkeys(n for n in names if n)))
+        cached = self._leaves.get(key_names)
+        if cached is not None:
+            return cached
+        assert self._key is not None and self._cert is not None
+        if self._leaf_key is None:
+            self._leaf_key = _new_key()
+        sans: list[x509.GeneralName] = []
+        for n in key_names:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+            except ValueError:
+                sans.append(x509.DNSName(n))
+        common = next((n for n in key_names if not _is_ip(n)), key_names[0] if key_names else "localhost")
+        now = _now()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common[:64])]))
+            .issuer_name(self._cert.subject)
+            .public_key(self._leaf_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _dt.timedelta(days=1))
+            .not_valid_after(now + _dt.timedelta(days=_LEAF_DAYS - 2))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        chain = cert.public_bytes(serialization.Encoding.PEM) + self.pem()
+        key_pem = self._leaf_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        self._leaves[key_names] = (chain, key_pem)
+        return chain, key_pem
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def _colon_hex(data: bytes) -> str:
+    return ":".join(f"{b:02X}" for b in data)
+
+
+def _load_chain(ctx: ssl.SSLContext, chain: bytes, key: bytes, scratch: Path) -> None:
+    """SSLContext.load_cert_chain wants files: write them privately, load, remove."""
+    scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
+    cert_file = scratch / f"leaf-{os.getpid()}-{id(ctx)}.pem"
+    _write_private(cert_file, chain + key)
+    try:
+        ctx.load_cert_chain(cert_file)
+    finally:
+        cert_file.unlink(missing_ok=True)
+
+
+def _keylog(ctx: ssl.SSLContext, keylog: str | None) -> None:
+    if keylog:
+        ctx.keylog_filename = keylog
+
+
+class ServerContexts:
+    """The SSL contexts the proxy uses to shake hands with clients.
+
+    With a fixed certificate (``--cert``/``--key``) every client gets it.
+    Otherwise the CA mints a leaf for the SNI name the client sends, or, for
+    a client that sends none, for ``default_names`` (localhost, the listen
+    address, the upstream host name).
+    """
+
+    def __init__(
+        self,
+        default_names: Iterable[str],
+        ca: CertificateAuthority | None = None,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
+        keylog: str | None = None,
+    ) -> None:
+        self.ca = ca
+        self.default_names = list(dict.fromkeys(default_names))
+        self.keylog = keylog
+        self._by_name: dict[str, ssl.SSLContext] = {}
+        self.snis: dict[int, str] = {}
+        if cert_file is not None:
+            ctx = self._new()
+            try:
+                ctx.load_cert_chain(cert_file, key_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise TlsFailure(f"cannot load --cert {cert_file} / --key {key_file}: {exc}") from None
+            self.default = ctx
+            self._fixed = True
+        else:
+            if ca is None:
+                raise TlsFailure("no certificate to show clients: give --cert/--key or a CA")
+            self._fixed = False
+            self.default = self._minted(self.default_names)
+        self.default.sni_callback = self._sni
+
+    def _new(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        _keylog(ctx, self.keylog)
+        return ctx
+
+    def _minted(self, names: list[str]) -> ssl.SSLContext:
+        assert self.ca is not None
+        chain, key = self.ca.leaf(names)
+        ctx = self._new()
+        _load_chain(ctx, chain, key, self.ca.home / "tmp")
+        return ctx
+
+    def _sni(self, sslobj: ssl.SSLObject | ssl.SSLSocket, name: str | None, ctx: ssl.SSLContext) -> None:
+        if name is None:
+            return
+        self.snis[id(sslobj)] = name
+        if self._fixed:
+            return
+        mctx = self._by_name.get(name)
+        if mctx is None:
+            mctx = self._minted([name] + self.default_names)
+            self._by_name[name] = mctx
+        sslobj.context = mctx
+
+    def sni_of(self, sslobj: Any) -> str | None:
+        return self.snis.pop(id(sslobj), None)
+
+
+def client_context(
+    cafile: Path | None = None, insecure: bool = False, keylog: str | None = None
+) -> ssl.SSLContext:
+    """The context for the proxy's own TLS connections to upstreams: the
+    system trust store, plus ``cafile``; ``insecure`` skips verification."""
+    ctx = ssl.create_default_context()
+    if cafile is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(cafile))
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsFailure(f"cannot load --upstream-ca {cafile}: {exc}") from None
+    if insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    _keylog(ctx, keylog)
+    return ctx
+
+
+@dataclass(frozen=True)
+class HandshakeFacts:
+    version: str
+    cipher: str
+    peer: dict[str, object] | None
+
+
+def describe_certificate(der: bytes | None) -> dict[str, object] | None:
+    """Subject, issuer, SANs, validity and SHA-256 fingerprint of a DER cert."""
+    if not der:
+        return None
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return {"sha256": hashlib.sha256(der).hexdigest()}
+    try:
+        san_ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        sans = [str(v) for v in san_ext.value.get_values_for_type(x509.DNSName)] + [
+            str(v) for v in san_ext.value.get_values_for_type(x509.IPAddress)
+        ]
+    except x509.ExtensionNotFound:
+        sans = []
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "issuer": cert.issuer.rfc4514_string(),
+        "sans": sans,
+        "not_before": cert.not_valid_before_utc.isoformat(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+        "sha256": _colon_hex(cert.fingerprint(hashes.SHA256())),
+    }
+
+
+def handshake_facts(sslobj: Any) -> HandshakeFacts:
+    """What a finished handshake agreed, from an ssl object."""
+    cipher = sslobj.cipher()
+    try:
+        der = sslobj.getpeercert(binary_form=True)
+    except (ValueError, ssl.SSLError):
+        der = None
+    return HandshakeFacts(
+        version=str(sslobj.version() or "?"),
+        cipher=str(cipher[0]) if cipher else "?",
+        peer=describe_certificate(der),
+    )
