@@ -109,11 +109,12 @@ def main() -> None:
 @click.option("--listen-tls", is_flag=True, help="Clients speak TLS from the first byte (SMTPS, port 465 style).")
 @click.option(
     "--upstream-tls",
-    type=click.Choice(["mirror", "implicit", "plain"]),
+    type=click.Choice(["mirror", "starttls", "implicit", "plain"]),
     default="mirror",
     show_default=True,
-    help="mirror: TLS upstream exactly when the client uses it; implicit: TLS from the first "
-    "byte; plain: never (the proxy answers the client's STARTTLS itself).",
+    help="mirror: TLS upstream exactly when the client uses it; starttls: always upgrade the "
+    "upstream after the client's first EHLO; implicit: TLS from the first byte; plain: never "
+    "(the proxy answers the client's STARTTLS itself).",
 )
 @click.option(
     "--cert",

@@ -262,7 +262,9 @@ class Conversation:
     caller's streams, and ``close()`` when the connection ends.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, greeted: bool = False) -> None:
+        """``greeted``: the greeting was already exchanged (a conversation
+        picked up mid-session, e.g. after a STARTTLS the caller drove)."""
         self.client_state = ClientState.COMMAND
         self.server_tls = False
         #: the capabilities of the last positive EHLO reply
@@ -273,7 +275,7 @@ class Conversation:
         self._sbuf = bytearray()
         self._c_discard = False
         self._s_discard = False
-        self._pending: deque[_Pending] = deque([_Pending(GREETING)])
+        self._pending: deque[_Pending] = deque([] if greeted else [_Pending(GREETING)])
         self._waiting_on: _Pending | None = None
         self._message: _Message | None = None
         self._bdat_left = 0
@@ -472,7 +474,7 @@ class Conversation:
             self._wait(pending)
         elif verb == "BDAT":
             parts = arg.split()
-            if parts and parts[0].isdigit() and len(parts) <= 2:
+            if parts and parts[0].isascii() and parts[0].isdigit() and len(parts) <= 2:
                 self._bdat_left = int(parts[0])
                 self._bdat_last = len(parts) == 2 and parts[1].upper() == "LAST"
                 pending.last = self._bdat_last
@@ -584,7 +586,7 @@ class Conversation:
 
     def _on_reply_line(self, raw: bytes) -> None:
         text, flags = _decode_line(raw)
-        if len(text) < 3 or not text[:3].isdigit() or (len(text) > 3 and text[3] not in " -"):
+        if len(text) < 3 or not (text[:3].isascii() and text[:3].isdigit()) or (len(text) > 3 and text[3] not in " -"):
             self._anomaly(Side.SERVER, "not_a_reply", f"not an SMTP reply line: {text[:60]!r}")
             self._out.append(Opaque(Side.SERVER, raw, "not a reply line"))
             return

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import trio
 
-from .events import Event, Note, Reply, Side, TlsEstablished
+from .events import Command, Event, Note, Reply, Side, TlsEstablished
 from .protocol import Conversation, format_reply
 from .recording import Recorder, new_session_id
 from .render import Transcript
@@ -46,7 +46,7 @@ def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, in
         if default_port is None:
             raise ValueError(f"{value!r} has no port; write HOST:PORT")
         return host or "127.0.0.1", default_port
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"{value!r}: port must be a number from 0 to 65535")
     return host or "127.0.0.1", int(port_text)
 
@@ -79,7 +79,7 @@ class ProxyConfig:
     max_sessions: int = 1000
     #: clients speak TLS from the first byte (SMTPS, RFC 8314)
     listen_tls: bool = False
-    #: mirror | implicit | plain (see docs/tls.md)
+    #: mirror | starttls | implicit | plain (see docs/tls.md)
     upstream_tls: str = "mirror"
     upstream_context: ssl.SSLContext | None = None
     upstream_sni: str | None = None
@@ -117,6 +117,8 @@ class Session:
         self._locks = {Side.CLIENT: trio.Lock(), Side.SERVER: trio.Lock()}
         self._strip_tail = b""
         self._stripped = False
+        self._upstream_upgraded = False
+        self._last_hello = b""
         self.start = trio.current_time()
         self.recorder: Recorder | None = None
         self._warned = False
@@ -240,7 +242,6 @@ class Session:
             if not await self._upstream_handshake():
                 await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", "proxy_reply")
                 return False
-            self.conv.implicit_tls()
         return True
 
     async def _connect(self) -> bool:
@@ -378,7 +379,10 @@ class Session:
                             # never carry bytes pipelined after STARTTLS into TLS
                             held = conv.held_client_bytes
                             self.observe(events)
-                            if cfg.upstream_tls == "plain":
+                            upstream_tls = isinstance(self.streams[other], trio.SSLStream)
+                            client_tls = isinstance(self.streams[side], trio.SSLStream)
+                            if cfg.upstream_tls == "plain" or (upstream_tls and not client_tls):
+                                # the upstream leg is settled: STARTTLS is the client leg's business
                                 if not await self._local_starttls():
                                     scope.cancel()
                                     return
@@ -404,6 +408,28 @@ class Session:
                                 await self._send(other, upto)
                             resume_client.set()
                             continue
+                        if side is Side.CLIENT:
+                            for e in events:
+                                if isinstance(e, Command) and e.verb in ("EHLO", "HELO"):
+                                    self._last_hello = e.raw
+                        if (
+                            side is Side.SERVER
+                            and cfg.upstream_tls == "starttls"
+                            and not self._upstream_upgraded
+                        ):
+                            hello = next(
+                                (e for e in events if isinstance(e, Reply) and e.command in ("EHLO", "HELO")),
+                                None,
+                            )
+                            if hello is not None and 200 <= hello.code < 300:
+                                self.observe(events)
+                                before = data[: len(data) - len(hello.raw)] if data.endswith(hello.raw) else b""
+                                if before:
+                                    await self._send(other, before)
+                                if not await self._upgrade_upstream_now():
+                                    scope.cancel()
+                                    return
+                                continue
                         if side is Side.SERVER and cfg.strip_starttls and not self.conv.encrypted:
                             data = self._strip_starttls(data)
                         self.observe(events)
@@ -430,6 +456,50 @@ class Session:
             self._end("proxy", f"idle for {cfg.idle_timeout:g}s")
             self.observe([Note(Side.CLIENT, "idle_timeout", self.reason)])
             await self._reply_to_client(421, f"4.4.2 smtpproxy: idle for {cfg.idle_timeout:g}s, closing", "proxy_reply")
+
+    async def _exchange(self, line: bytes) -> Reply | None:
+        """Send one command upstream on the proxy's own account and read its
+        reply; both are recorded as notes (the client did not send it)."""
+        conv = Conversation(greeted=True)
+        conv.feed(Side.CLIENT, line)
+        self.observe([Note(Side.CLIENT, "proxy_command", f"proxy sent upstream: {line.decode('utf-8', 'replace').strip()}", line)])
+        await self._send(Side.SERVER, line)
+        with trio.fail_after(self.proxy.config.handshake_timeout):
+            while True:
+                data = await self.streams[Side.SERVER].receive_some(BUFSIZE)
+                if not data:
+                    return None
+                for ev in conv.feed(Side.SERVER, data):
+                    if isinstance(ev, Reply):
+                        self.observe([Note(Side.SERVER, "proxy_reply_from_upstream", ev.text, ev.raw)])
+                        return ev
+
+    async def _upgrade_upstream_now(self) -> bool:
+        """``--upstream-tls starttls``: after the client's first EHLO, upgrade
+        the upstream leg with STARTTLS, say EHLO again over TLS, and give the
+        client that reply instead. The client's own leg stays as it chose."""
+        self._upstream_upgraded = True
+        try:
+            reply = await self._exchange(b"STARTTLS\r\n")
+            if reply is None or reply.code != 220:
+                why = f"upstream refused STARTTLS: {reply.code} {reply.text}" if reply else "upstream closed"
+                self._end("proxy", why)
+                await self._reply_to_client(421, f"4.7.0 smtpproxy: {why}", "proxy_reply")
+                return False
+            if not await self._upstream_handshake():
+                await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", "proxy_reply")
+                return False
+            again = await self._exchange(self._last_hello or b"EHLO smtpproxy\r\n")
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._end("proxy", f"upstream STARTTLS failed: {_tls_reason(exc)}")
+            await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", "proxy_reply")
+            return False
+        if again is None:
+            self._end("server", "upstream closed after STARTTLS")
+            return False
+        self.observe([Note(Side.SERVER, "proxy_forwarded", "the client was given the upstream's EHLO reply after TLS")])
+        await self._send(Side.CLIENT, again.raw)
+        return True
 
     async def _local_starttls(self) -> bool:
         """``--upstream-tls plain``: answer the client's STARTTLS here and do

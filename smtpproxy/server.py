@@ -22,7 +22,7 @@ import trio
 from .events import AuthResponse, Command, Event, MessageData, MessageEnd, Opaque, Side
 from .protocol import MAX_LINE, ClientState, Conversation, format_reply
 
-__all__ = ["SinkConfig", "Sink", "serve_sink"]
+__all__ = ["Sink", "SinkConfig", "serve_sink"]
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,10 @@ class SinkConfig:
     hostname: str = field(default_factory=lambda: socket.getfqdn() or "localhost")
     max_size: int = DEFAULT_SIZE
     idle_timeout: float = 300.0
+    #: bound on a TLS handshake (STARTTLS or implicit)
+    handshake_timeout: float = 30.0
     #: offer STARTTLS with this server context (None: not offered)
-    tls: "ssl.SSLContext | None" = None
+    tls: ssl.SSLContext | None = None
     #: speak TLS from the first byte
     implicit_tls: bool = False
 
@@ -78,6 +80,8 @@ class _Sink:
         self.bdat_octets: int | None = None
         #: close the connection once the replies are sent
         self.quit = False
+        #: 220 to STARTTLS was sent: shake hands before reading on
+        self.starttls = False
         self._released: list[Event] = []
 
     def greeting(self) -> bytes:
@@ -94,8 +98,8 @@ class _Sink:
         """Client bytes in; the replies to send back out."""
         out = bytearray()
         todo: deque[Event] = deque(self.conv.feed(Side.CLIENT, data))
-        while not self.quit:
-            while todo and not self.quit:
+        while not (self.quit or self.starttls):
+            while todo and not (self.quit or self.starttls):
                 ev = todo.popleft()
                 if self.bdat_cmd is not None and isinstance(ev, (Command, AuthResponse, Opaque)):
                     out += self._chunk_done(last=False)
@@ -158,10 +162,12 @@ class _Sink:
                 self._reset()
                 if verb == "HELO":
                     return self._reply(250, self.config.hostname)
+                starttls = ("STARTTLS",) if self._offers_tls() else ()
                 return self._reply(
                     250,
                     f"{self.config.hostname} greets {arg}",
                     f"SIZE {self.config.max_size}",
+                    *starttls,
                     *_EHLO_KEYWORDS,
                 )
             case "MAIL":
@@ -217,8 +223,29 @@ class _Sink:
             case "AUTH":
                 return self._auth_start(arg)
             case "STARTTLS":
-                return self._reply(502, "5.5.1 STARTTLS is not offered here")
+                if self.conv.encrypted:
+                    return self._reply(503, "5.5.1 TLS already active")
+                if not self._offers_tls():
+                    return self._reply(502, "5.5.1 STARTTLS is not offered here")
+                if arg:
+                    return self._reply(501, "5.5.4 STARTTLS takes no arguments")
+                self.starttls = True
+                return self._reply(220, "2.0.0 ready to start TLS")
         return self._reply(500, f"5.5.2 command not recognized: {verb[:20]}")
+
+    def _offers_tls(self) -> bool:
+        return self.config.tls is not None and not self.conv.encrypted
+
+    def tls_established(self) -> None:
+        """The STARTTLS handshake is done: forget all the session learned in
+        clear; the client starts again with EHLO (RFC 3207 section 4.2).
+        Bytes it sent after STARTTLS in clear were dropped by the Conversation."""
+        self.conv.tls_established()
+        self.starttls = False
+        self.helo = None
+        self.authed = None
+        self.auth_mech = None
+        self._reset()
 
     def _auth_start(self, arg: str) -> bytes:
         if self.helo is None:
@@ -316,6 +343,8 @@ class Sink:
 
     def __init__(self, config: SinkConfig | None = None) -> None:
         self.config = config or SinkConfig()
+        if self.config.implicit_tls and self.config.tls is None:
+            raise ValueError("SinkConfig(implicit_tls=True) needs a server context in tls=")
         self.stats = SinkStats()
 
     async def serve(
@@ -330,6 +359,12 @@ class Sink:
         self.stats.sessions += 1
         sink = _Sink(self.config, self.stats)
         try:
+            if self.config.implicit_tls:
+                tls = await self._handshake(stream)
+                if tls is None:
+                    return
+                stream = tls
+                sink.conv.implicit_tls()
             await stream.send_all(sink.greeting())
             while not sink.quit:
                 with trio.move_on_after(self.config.idle_timeout) as idle:
@@ -339,9 +374,15 @@ class Sink:
                     break
                 if not data:
                     break
-                out = sink.receive(data)
+                out = sink.receive(bytes(data))
                 if out:
                     await stream.send_all(out)
+                if sink.starttls:
+                    tls = await self._handshake(stream)
+                    if tls is None:
+                        return
+                    stream = tls
+                    sink.tls_established()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
@@ -351,6 +392,19 @@ class Sink:
                 await stream.send_all(format_reply(421, "4.3.0 internal error, closing"))
         finally:
             await trio.aclose_forcefully(stream)
+
+    async def _handshake(self, stream: trio.abc.Stream) -> trio.SSLStream[trio.abc.Stream] | None:
+        """Shake hands as a TLS server; None (the stream closed) if that fails."""
+        assert self.config.tls is not None
+        tls = trio.SSLStream(stream, self.config.tls, server_side=True)
+        try:
+            with trio.fail_after(self.config.handshake_timeout):
+                await tls.do_handshake()
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
+            # a cancelled or failed handshake leaves the stream unusable
+            await trio.aclose_forcefully(tls)
+            return None
+        return tls
 
 
 async def serve_sink(host: str, port: int, config: SinkConfig | None = None, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:

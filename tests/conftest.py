@@ -178,6 +178,7 @@ def run_smtpproxy_once(*args: str, cwd: Path, timeout: float = 30) -> subprocess
         env=smtpproxy_env(cwd),
         stdin=subprocess.DEVNULL,
         capture_output=True,
+        check=False,
         text=True,
         timeout=timeout,
     )

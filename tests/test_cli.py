@@ -22,6 +22,7 @@ from conftest import (
     run_smtpproxy_once,
     smtpproxy_process,
 )
+
 from smtpproxy.events import Command, MessageEnd, Note, Side
 from smtpproxy.recording import Recording, read_recording
 
@@ -98,7 +99,8 @@ def test_sigint_closes_open_session_and_recordings(tmp_path: Path) -> None:
             assert read_reply(open_client).startswith(b"220 ")
             open_client.sendall(b"EHLO still.open\r\n")
             assert read_reply(open_client).startswith(b"250")
-            local = "%s:%d" % open_client.getsockname()[:2]
+            host, port = open_client.getsockname()[:2]
+            local = f"{host}:{port}"
             done = proxy.finish(signal.SIGINT)
             # the proxy closed its side: the client sees the end of the stream
             assert open_client.recv(1024) == b""
@@ -123,14 +125,16 @@ def test_sigint_closes_open_session_and_recordings(tmp_path: Path) -> None:
 
 def test_sigkill_leaves_a_readable_recording(tmp_path: Path) -> None:
     rec_dir = tmp_path / "recordings"
-    with smtpproxy_process(*record_args(free_port(), rec_dir), cwd=tmp_path) as proxy:
-        with socket.create_connection(proxy.address, timeout=10) as client:
-            assert read_reply(client).startswith(b"220 ")
-            client.sendall(b"EHLO killed.example\r\n")
-            assert read_reply(client).startswith(b"250")
-            client.sendall(b"MAIL FROM:<ann@example.org>\r\n")
-            assert read_reply(client).startswith(b"250 ")
-            done = proxy.finish(signal.SIGKILL)
+    with (
+        smtpproxy_process(*record_args(free_port(), rec_dir), cwd=tmp_path) as proxy,
+        socket.create_connection(proxy.address, timeout=10) as client,
+    ):
+        assert read_reply(client).startswith(b"220 ")
+        client.sendall(b"EHLO killed.example\r\n")
+        assert read_reply(client).startswith(b"250")
+        client.sendall(b"MAIL FROM:<ann@example.org>\r\n")
+        assert read_reply(client).startswith(b"250 ")
+        done = proxy.finish(signal.SIGKILL)
 
     assert done.returncode == -signal.SIGKILL
     (path,) = rec_dir.glob("*.jsonl")

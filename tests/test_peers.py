@@ -15,12 +15,12 @@ import os
 import re
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from conftest import AioServer, SmtpproxyProcess, free_port, require_program, smtpproxy_process
+
 from smtpproxy.events import AuthResponse, AuthResult, Command, MessageData, MessageEnd, Reply, Side
 from smtpproxy.recording import Recording, read_recording
 
@@ -86,6 +86,7 @@ def swaks(proxy: SmtpproxyProcess, tmp_path: Path, *args: str) -> subprocess.Com
         ],
         stdin=subprocess.DEVNULL,
         capture_output=True,
+        check=False,
         text=True,
         errors="replace",
         timeout=30,
@@ -181,6 +182,7 @@ def test_swaks_auth(request: pytest.FixtureRequest, tmp_path: Path, mechanism: s
     (result,) = [e for e in rec.events() if isinstance(e, AuthResult)]
     assert result.success and result.code == 235
     assert result.mechanism == mechanism and result.user == USER
+    assert rec.close is not None
     assert rec.close.totals["auth"] == {"mechanism": mechanism, "user": USER, "success": True}
     assert rec.raw(Side.CLIENT).startswith(b"EHLO client.example\r\n")
 
@@ -245,6 +247,7 @@ def test_msmtp_auth_plain_from_stdin(request: pytest.FixtureRequest, tmp_path: P
             [exe, "-C", str(config), "-a", "proxy", "bob@example.net"],
             input=MESSAGE,
             capture_output=True,
+            check=False,
             timeout=30,
         )
         assert done.returncode == 0, (done.stdout + done.stderr).decode(errors="replace")

@@ -6,11 +6,14 @@ from __future__ import annotations
 import logging
 import re
 import smtplib
-from dataclasses import dataclass
-from typing import Any, Callable
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import trio
+import trustme
 
 from smtpproxy import server
 from smtpproxy.events import Command
@@ -36,20 +39,35 @@ class Running:
     sink: Sink
     host: str
     port: int
+    clients: list[Raw] = field(default_factory=list)
 
 
-async def start_sink(nursery: trio.Nursery, **config: Any) -> Running:
-    config.setdefault("hostname", "sink.test")
-    config.setdefault("max_size", MAX_SIZE)
-    sink = Sink(SinkConfig(**config))
-    host, port = await nursery.start(sink.serve, "127.0.0.1", 0)
-    return Running(sink, host, port)
+StartSink = Callable[..., Awaitable[Running]]
 
 
 @pytest.fixture
-async def running(nursery: trio.Nursery) -> Running:
-    """A sink on loopback; the test's nursery stops it when the test ends."""
-    return await start_sink(nursery)
+async def start_sink(nursery: trio.Nursery) -> AsyncIterator[StartSink]:
+    """Start sinks on loopback; the test's nursery stops them when the test
+    ends, and the raw clients they served are closed."""
+    started: list[Running] = []
+
+    async def start(**config: Any) -> Running:
+        config.setdefault("hostname", "sink.test")
+        config.setdefault("max_size", MAX_SIZE)
+        sink = Sink(SinkConfig(**config))
+        host, port = await nursery.start(sink.serve, "127.0.0.1", 0)
+        started.append(Running(sink, host, port))
+        return started[-1]
+
+    yield start
+    for running in started:
+        for client in running.clients:
+            await client.stream.aclose()
+
+
+@pytest.fixture
+async def running(start_sink: StartSink) -> Running:
+    return await start_sink()
 
 
 @dataclass
@@ -75,9 +93,10 @@ class Raw:
         self.buf = bytearray()
 
     @classmethod
-    async def connect(cls, running: Running) -> "Raw":
+    async def connect(cls, running: Running) -> Raw:
         with trio.fail_after(TIMEOUT):
             client = cls(await trio.open_tcp_stream(running.host, running.port))
+        running.clients.append(client)
         greeting = await client.reply()
         assert greeting.code == 220 and greeting.lines[0].startswith("sink.test ")
         return client
@@ -131,9 +150,6 @@ class Raw:
         assert (await self.command(b"MAIL FROM:<ann@example.org>")).code == 250
         for rcpt in rcpts or (b"bob@example.net",):
             assert (await self.command(b"RCPT TO:<" + rcpt + b">")).code == 250
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
 
 
 async def in_thread(fn: Callable[[], Any]) -> Any:
@@ -323,7 +339,6 @@ async def test_replies(running: Running, script: list[Step]) -> None:
         assert answer.code == code, (line, answer)
         if enhanced is not None:
             assert answer.enhanced == enhanced, (line, answer)
-    await client.aclose()
 
 
 async def test_quit_replies_221_and_closes(running: Running) -> None:
@@ -354,7 +369,7 @@ async def test_body_over_the_limit_refused_and_session_goes_on(running: Running)
     # the transaction is over; a new one works
     await client.envelope()
     assert (await client.command(b"DATA")).code == 354
-    await client.send(b"y" * 98 + b"\r\n" * 2)
+    await client.send(b"y" * 98 + b"\r\n")
     answer = await client.command(b".")
     assert answer.code == 250 and "queued as" in answer.text
     assert running.sink.stats.octets == 100
@@ -389,8 +404,8 @@ async def test_overlong_auth_answer_refused(running: Running) -> None:
     await client.expect_close()
 
 
-async def test_idle_client_gets_421(nursery: trio.Nursery) -> None:
-    running = await start_sink(nursery, idle_timeout=0.2)
+async def test_idle_client_gets_421(start_sink: StartSink) -> None:
+    running = await start_sink(idle_timeout=0.2)
     client = await Raw.connect(running)
     answer = await client.reply()
     assert (answer.code, answer.enhanced) == (421, "4.4.2")
@@ -466,19 +481,6 @@ async def test_bdat_without_transaction_is_503_and_its_chunk_is_read(running: Ru
     assert (answer.code, answer.enhanced) == (503, "5.5.1")
     answer = await client.reply()
     assert (answer.code, answer.text) == (250, "2.0.0 reset")
-    await client.expect_alive()
-
-
-async def test_bdat_refused_then_a_new_transaction_works(running: Running) -> None:
-    client = await Raw.connect(running)
-    await client.ehlo()
-    answer = await client.command(b"BDAT 5\r\nhello"[:-2])
-    assert answer.code == 503
-    await client.send(b"hello"[-2:])
-    await client.envelope()
-    answer = await client.command(b"BDAT 3 LAST\r\nabc"[:-2])
-    await client.send(b"bc")
-    assert answer.code == 503  # "a" was the chunk's first octet only: see below
     await client.expect_alive()
 
 
@@ -581,10 +583,6 @@ async def test_data_after_bdat_is_503(running: Running) -> None:
     await client.expect_alive()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="protocol.py: Conversation raises ValueError on BDAT with a non-ASCII digit",
-)
 async def test_bdat_non_ascii_digit_is_a_syntax_error(running: Running) -> None:
     client = await Raw.connect(running)
     await client.ehlo()
@@ -654,3 +652,122 @@ async def test_dot_stuffing_undone_in_the_count(running: Running, wire: bytes, c
     answer = await client.command(wire + b".")
     assert answer.code == 250
     assert running.sink.stats.octets == len(content)
+
+
+# -- TLS: STARTTLS (RFC 3207) and implicit TLS (RFC 8314) ----------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def server_tls(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "sink.test").configure_cert(ctx)
+    return ctx
+
+
+@pytest.fixture
+def client_tls(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+async def test_starttls_then_auth_and_message(
+    start_sink: StartSink, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
+) -> None:
+    running = await start_sink(tls=server_tls)
+
+    def session() -> tuple[dict[str, str], tuple[int, bytes], dict[str, str], int]:
+        with smtp_client(running) as client:
+            client.ehlo()
+            before = dict(client.esmtp_features)
+            started = client.starttls(context=client_tls)
+            client.ehlo()
+            after = dict(client.esmtp_features)
+            code, _ = client.login("user@domain.com", "password")
+            client.sendmail("ann@example.org", ["bob@example.net"], MESSAGE)
+            return before, started, after, code
+
+    before, (code, text), after, login = await in_thread(session)
+    assert "starttls" in before
+    assert code == 220 and text.startswith(b"2.0.0 ")
+    assert "starttls" not in after and "auth" in after
+    assert login == 235
+    assert (running.sink.stats.messages, running.sink.stats.octets) == (1, len(MESSAGE))
+
+
+async def test_starttls_forgets_the_clear_session_and_drops_pipelined_bytes(
+    start_sink: StartSink, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
+) -> None:
+    running = await start_sink(tls=server_tls)
+    client = await Raw.connect(running)
+    await client.ehlo()
+    assert (await client.command(b"MAIL FROM:<a@b>")).code == 250
+    # a client must wait for 220; bytes sent early in clear must not be obeyed
+    # once TLS is up (the CVE-2011-0411 class of bugs)
+    await client.send(b"STARTTLS\r\nRSET\r\n")
+    answer = await client.reply()
+    assert (answer.code, answer.enhanced) == (220, "2.0.0")
+    assert not client.buf
+    tls = trio.SSLStream(client.stream, client_tls, server_hostname="127.0.0.1")
+    with trio.fail_after(TIMEOUT):
+        await tls.do_handshake()
+    client.stream = tls
+    # nothing from the clear part survives: no RSET reply, no EHLO, no MAIL
+    answer = await client.command(b"MAIL FROM:<a@b>")
+    assert (answer.code, answer.enhanced) == (503, "5.5.1")
+    answer = await client.ehlo()
+    assert not any(line.startswith("STARTTLS") for line in answer.lines)
+    answer = await client.command(b"STARTTLS")
+    assert (answer.code, answer.enhanced) == (503, "5.5.1")
+    await client.envelope()
+    assert (await client.command(b"DATA")).code == 354
+    assert (await client.command(b"hi\r\n.")).code == 250
+    assert running.sink.stats.octets == 4
+
+
+async def test_starttls_with_an_argument(start_sink: StartSink, server_tls: ssl.SSLContext) -> None:
+    client = await Raw.connect(await start_sink(tls=server_tls))
+    await client.ehlo()
+    answer = await client.command(b"STARTTLS now")
+    assert (answer.code, answer.enhanced) == (501, "5.5.4")
+    await client.expect_alive()
+
+
+async def test_failed_handshake_closes_only_that_session(
+    start_sink: StartSink, server_tls: ssl.SSLContext
+) -> None:
+    running = await start_sink(tls=server_tls)
+    client = await Raw.connect(running)
+    assert (await client.command(b"STARTTLS")).code == 220
+    await client.send(b"this is not a TLS ClientHello\r\n" * 4)
+    with trio.fail_after(TIMEOUT):
+        while await client.stream.receive_some(65536):
+            pass
+    other = await Raw.connect(running)
+    await other.expect_alive()
+
+
+async def test_implicit_tls(start_sink: StartSink, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext) -> None:
+    running = await start_sink(tls=server_tls, implicit_tls=True)
+
+    def session() -> dict[str, str]:
+        with smtplib.SMTP_SSL(
+            running.host, running.port, local_hostname="client.test", timeout=TIMEOUT, context=client_tls
+        ) as client:
+            client.ehlo()
+            client.sendmail("ann@example.org", ["bob@example.net"], MESSAGE)
+            return dict(client.esmtp_features)
+
+    features = await in_thread(session)
+    assert "starttls" not in features
+    assert running.sink.stats.messages == 1
+
+
+def test_implicit_tls_needs_a_context() -> None:
+    with pytest.raises(ValueError, match="tls="):
+        Sink(SinkConfig(hostname="sink.test", implicit_tls=True))

@@ -283,3 +283,90 @@ async def test_strip_starttls_hides_it_and_flags_clear_text_auth(
     ehlo = next(e for e in events if isinstance(e, Reply) and e.command == "EHLO")
     assert ehlo.capabilities is not None and "STARTTLS" in ehlo.capabilities  # what the server really said
     assert any(isinstance(e, Note) and e.kind == "strip_starttls" for e in events)
+
+
+async def test_plain_client_upstream_upgraded_with_starttls(
+    starttls_server: AioServer, upstream_ca: trustme.CA, proxy_ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """--upstream-tls starttls: a clear-text client reaches a server that
+    requires STARTTLS (and AUTH only under TLS); the client sees the
+    post-TLS EHLO reply."""
+
+    def client(port: int) -> dict[str, str]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
+            c.ehlo("plain.example")
+            features = dict(c.esmtp_features)
+            c.login("user@domain.com", "password")
+            c.sendmail("a@example.org", ["b@example.net"], MESSAGE)
+            return features
+
+    async with trio.open_nursery() as nursery:
+        proxy = await start_proxy(
+            nursery, tmp_path, starttls_server.address, **tls_config(proxy_ca, upstream_ca, upstream_tls="starttls")
+        )
+        features = await trio.to_thread.run_sync(client, proxy.port)
+        await wait_for_sessions(proxy.proxy, 1)
+        nursery.cancel_scope.cancel()
+    assert "auth" in features and "starttls" not in features  # the post-TLS reply
+    assert starttls_server.received.messages[0]["content"] == MESSAGE
+    assert starttls_server.received.auth == [("PLAIN", "user@domain.com")]
+    events = list(read_recording(proxy.recording_paths()[0]).events())
+    notes = [e.kind for e in events if isinstance(e, Note)]
+    assert notes[:2] == ["proxy_command", "proxy_reply_from_upstream"]
+    assert [e.side for e in events if isinstance(e, TlsEstablished)] == [Side.SERVER]
+
+
+async def test_keylog_has_secrets_of_both_legs(
+    starttls_server: AioServer, upstream_ca: trustme.CA, proxy_ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    keylog = tmp_path / "keys.log"
+
+    def client(port: int) -> None:
+        with smtplib.SMTP("localhost", port, timeout=10) as c:
+            c.ehlo("tls.example")
+            c.starttls(context=client_ctx(proxy_ca))
+            c.ehlo("tls.example")
+
+    up = client_context(keylog=str(keylog))
+    upstream_ca.configure_trust(up)
+    cfg = {
+        "server_contexts": ServerContexts(["localhost"], ca=proxy_ca, keylog=str(keylog)),
+        "upstream_context": up,
+        "upstream_sni": "localhost",
+    }
+    async with trio.open_nursery() as nursery:
+        proxy = await start_proxy(nursery, tmp_path, starttls_server.address, **cfg)
+        await trio.to_thread.run_sync(client, proxy.port)
+        await wait_for_sessions(proxy.proxy, 1)
+        nursery.cancel_scope.cancel()
+    lines = [ln.split() for ln in keylog.read_text().splitlines() if ln and not ln.startswith("#")]
+    secrets = [ln for ln in lines if ln[0] == "CLIENT_TRAFFIC_SECRET_0"]
+    # one TLS 1.3 session per leg, each with its own client random
+    assert len({ln[1] for ln in secrets}) == 2
+
+
+def test_ca_command_prints_and_regenerates(tmp_path: Path) -> None:
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    env = {**os.environ, "SMTPPROXY_HOME": str(home)}
+    first = subprocess.run(
+        [sys.executable, "-m", "smtpproxy", "ca"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert first.returncode == 0, first.stderr
+    assert f"path:        {home / 'smtpproxy-ca.pem'}" in first.stdout
+    assert "-----BEGIN CERTIFICATE-----" in first.stdout and "sha256:" in first.stdout
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    assert stat.S_IMODE((home / "smtpproxy-ca-key.pem").stat().st_mode) == 0o600
+    again = subprocess.run(
+        [sys.executable, "-m", "smtpproxy", "ca"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert again.stdout == first.stdout  # made once, then reused
+    new = subprocess.run(
+        [sys.executable, "-m", "smtpproxy", "ca", "--regenerate"], env=env, capture_output=True, text=True, timeout=60
+    )
+    fp = [ln for ln in first.stdout.splitlines() if ln.startswith("sha256:")]
+    assert new.returncode == 0 and fp[0] not in new.stdout
