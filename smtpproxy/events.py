@@ -192,8 +192,9 @@ class TlsEstablished:
 class Note:
     """Something the proxy itself did or saw outside the byte streams: an
     upstream that could not be reached, a handshake that failed, a reply the
-    proxy wrote to the client itself (``raw`` then holds those bytes, with
-    ``side`` the peer they were sent to)."""
+    proxy wrote to the client itself. ``raw`` then holds the bytes the proxy
+    sent, and ``side`` is the role it played: SERVER for a reply it wrote to
+    the client, CLIENT for a command it sent upstream on its own account."""
 
     side: Side
     kind: str

@@ -378,6 +378,12 @@ class Conversation:
         return len(self._sbuf)
 
     @property
+    def partial_reply_bytes(self) -> int:
+        """Server bytes of a reply not yet complete (lines of a multi-line
+        reply so far, and a partial line)."""
+        return len(self._sbuf) + sum(map(len, self._reply_raw))
+
+    @property
     def in_message(self) -> bool:
         """True while the client is sending message content."""
         return self.client_state in (ClientState.DATA, ClientState.BDAT)
@@ -391,6 +397,10 @@ class Conversation:
         self._anomalies.add(key)
         self._out.append(Anomaly(side, kind, detail))
 
+    def _too_long(self, side: Side, raw: bytes) -> None:
+        self._anomaly(side, "line_too_long", f"a line longer than {MAX_LINE} octets")
+        self._out.append(Opaque(side, raw, "line too long"))
+
     def _run_client(self) -> None:
         buf = self._cbuf
         pos = 0
@@ -400,16 +410,21 @@ class Conversation:
                 nl = buf.find(b"\n", pos)
                 if nl < 0:
                     if len(buf) - pos > MAX_LINE:
-                        self._out.append(Opaque(Side.CLIENT, bytes(buf[pos:]), "line too long"))
-                        self._anomaly(Side.CLIENT, "line_too_long", f"a line longer than {MAX_LINE} octets")
+                        self._too_long(Side.CLIENT, bytes(buf[pos:]))
                         self._c_discard = True
                         pos = len(buf)
                     break
                 raw = bytes(buf[pos : nl + 1])
+                too_long = nl - pos > MAX_LINE
                 pos = nl + 1
-                if self._c_discard:
+                if self._c_discard or too_long:
                     self._c_discard = False
-                    self._out.append(Opaque(Side.CLIENT, raw, "line too long"))
+                    self._too_long(Side.CLIENT, raw)
+                    # the server answers the line it could not read
+                    if state is ClientState.AUTH and self._auth_pending is not None:
+                        self._wait(self._auth_pending)
+                    else:
+                        self._pending.append(_Pending("<line too long>"))
                 elif state is ClientState.COMMAND:
                     self._on_command(raw)
                 else:
@@ -488,8 +503,8 @@ class Conversation:
                     self._out.append(self._message.end(complete=True))
                     self._message = None
                     return
-        elif verb == "RSET":
-            self._message = None
+        elif verb in ("RSET", "EHLO", "HELO", "MAIL"):
+            self._message = None  # a new transaction, or none (RFC 5321 4.1.1.5, RFC 3030)
         self._out.append(Command(raw, verb, arg, path, flags, auth))
         self._pending.append(pending)
 
@@ -568,16 +583,16 @@ class Conversation:
             nl = buf.find(b"\n", pos)
             if nl < 0:
                 if len(buf) - pos > MAX_LINE:
-                    self._out.append(Opaque(Side.SERVER, bytes(buf[pos:]), "line too long"))
-                    self._anomaly(Side.SERVER, "line_too_long", f"a reply line longer than {MAX_LINE} octets")
+                    self._too_long(Side.SERVER, bytes(buf[pos:]))
                     self._s_discard = True
                     pos = len(buf)
                 break
             raw = bytes(buf[pos : nl + 1])
+            too_long = nl - pos > MAX_LINE
             pos = nl + 1
-            if self._s_discard:
+            if self._s_discard or too_long:
                 self._s_discard = False
-                self._out.append(Opaque(Side.SERVER, raw, "line too long"))
+                self._too_long(Side.SERVER, raw)
                 continue
             self._on_reply_line(raw)
             if self.server_tls:
@@ -639,6 +654,8 @@ class Conversation:
         else:
             self._pending.popleft()
             ends_message = (verb == "DATA" and pending.data_started) or (verb == "BDAT" and pending.last)
+            if verb == "BDAT" and not pending.last and not 200 <= code < 300:
+                self._message = None  # a refused chunk ends the transaction (RFC 3030 section 3)
             if verb in ("EHLO", "HELO") and 200 <= code < 300:
                 caps = parse_capabilities(lines[1:]) if verb == "EHLO" else {}
                 self.capabilities = caps

@@ -118,6 +118,7 @@ class Session:
         self._strip_tail = b""
         self._stripped = False
         self._upstream_upgraded = False
+        self._held_out = bytearray()
         self._last_hello = b""
         self.start = trio.current_time()
         self.recorder: Recorder | None = None
@@ -417,19 +418,28 @@ class Session:
                             and cfg.upstream_tls == "starttls"
                             and not self._upstream_upgraded
                         ):
+                            # hold replies until whole, so the EHLO reply can be swapped
+                            self.observe(events)
+                            self._held_out += data
                             hello = next(
                                 (e for e in events if isinstance(e, Reply) and e.command in ("EHLO", "HELO")),
                                 None,
                             )
                             if hello is not None and 200 <= hello.code < 300:
-                                self.observe(events)
-                                before = data[: len(data) - len(hello.raw)] if data.endswith(hello.raw) else b""
-                                if before:
-                                    await self._send(other, before)
+                                out = bytes(self._held_out)
+                                self._held_out.clear()
+                                if out.endswith(hello.raw):
+                                    out = out[: len(out) - len(hello.raw)]
+                                if out:
+                                    await self._send(other, out)
                                 if not await self._upgrade_upstream_now():
                                     scope.cancel()
                                     return
-                                continue
+                            elif conv.partial_reply_bytes == 0 and self._held_out:
+                                out = bytes(self._held_out)
+                                self._held_out.clear()
+                                await self._send(other, out)
+                            continue
                         if side is Side.SERVER and cfg.strip_starttls and not self.conv.encrypted:
                             data = self._strip_starttls(data)
                         self.observe(events)

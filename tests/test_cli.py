@@ -27,7 +27,9 @@ from smtpproxy.events import Command, MessageEnd, Note, Side
 from smtpproxy.recording import Recording, read_recording
 
 # after QUIT and 221 both peers hang up; the proxy may see either end first
-CLOSED_AFTER_QUIT = re.compile(r"closed by (client|server) \((client|server) closed the connection\)")
+CLOSED_AFTER_QUIT = re.compile(
+    r"closed by (client|server) \((client|server) closed the connection\)"
+)
 
 MESSAGE = b"From: ann@example.org\r\nTo: bob@example.net\r\nSubject: cli test\r\n\r\nhello\r\n"
 
@@ -212,7 +214,10 @@ def test_listen_port_in_use(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        for command in (record_args(port, tmp_path / "rec"), ["sink", "--listen", f"127.0.0.1:{port}"]):
+        for command in (
+            record_args(port, tmp_path / "rec"),
+            ["sink", "--listen", f"127.0.0.1:{port}"],
+        ):
             done = run_smtpproxy_once(*command, cwd=tmp_path)
             assert done.returncode == 1, done.stderr
             assert "Traceback" not in done.stderr

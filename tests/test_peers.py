@@ -43,7 +43,13 @@ MESSAGE_CRLF = MESSAGE.replace(b"\n", b"\r\n")
 @contextlib.contextmanager
 def proxy_to(tmp_path: Path, upstream: AioServer | None) -> Iterator[SmtpproxyProcess]:
     """``smtpproxy record`` to aiosmtpd, or to its embedded sink when ``upstream`` is None."""
-    args = ["record", "--listen", f"127.0.0.1:{free_port()}", "--recordings", str(tmp_path / "recordings")]
+    args = [
+        "record",
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--recordings",
+        str(tmp_path / "recordings"),
+    ]
     if upstream is not None:
         args += ["--upstream", f"{upstream.host}:{upstream.port}"]
     with smtpproxy_process(*args, cwd=tmp_path) as proxy:
@@ -145,7 +151,9 @@ def check_recording(rec: Recording, server_content: bytes | None) -> bytes:
         ("CRAM-MD5", "sink"),  # aiosmtpd does not offer CRAM-MD5
     ],
 )
-def test_swaks_auth(request: pytest.FixtureRequest, tmp_path: Path, mechanism: str, upstream: str) -> None:
+def test_swaks_auth(
+    request: pytest.FixtureRequest, tmp_path: Path, mechanism: str, upstream: str
+) -> None:
     require_program("swaks", "swaks")
     server = upstream_for(request, upstream)
     with proxy_to(tmp_path, server) as proxy:
@@ -213,7 +221,13 @@ def test_swaks_pipeline(tmp_path: Path) -> None:
     # the whole batch was on the wire before the first of its replies
     assert index(Command, verb="DATA") < index(Reply, command="MAIL")
     replies = [(e.command, e.code) for e in events if isinstance(e, Reply)]
-    assert replies[2:] == [("MAIL", 250), ("RCPT", 250), ("DATA", 354), ("DATA", 250), ("QUIT", 221)]
+    assert replies[2:] == [
+        ("MAIL", 250),
+        ("RCPT", 250),
+        ("DATA", 354),
+        ("DATA", 250),
+        ("QUIT", 221),
+    ]
     assert not [e for e in events if getattr(e, "kind", None) == "did_not_wait"]
 
 
@@ -222,7 +236,9 @@ def test_swaks_pipeline(tmp_path: Path) -> None:
 
 @pytest.mark.peer("msmtp")
 @pytest.mark.parametrize("upstream", ["sink", "aiosmtpd"])
-def test_msmtp_auth_plain_from_stdin(request: pytest.FixtureRequest, tmp_path: Path, upstream: str) -> None:
+def test_msmtp_auth_plain_from_stdin(
+    request: pytest.FixtureRequest, tmp_path: Path, upstream: str
+) -> None:
     exe = require_program("msmtp", "msmtp")
     server = upstream_for(request, upstream)
     with proxy_to(tmp_path, server) as proxy:

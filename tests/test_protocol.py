@@ -55,6 +55,12 @@ def normalise(events: list[Event]) -> list[object]:
             prev = out.pop()
             assert isinstance(prev, MessageData)
             ev = MessageData(prev.raw + ev.raw, ev.via, ev.last)
+        elif isinstance(ev, Opaque) and out and isinstance(out[-1], Opaque):
+            last = out[-1]
+            assert isinstance(last, Opaque)
+            if (last.side, last.reason) == (ev.side, ev.reason):
+                out.pop()
+                ev = Opaque(ev.side, last.raw + ev.raw, ev.reason)
         out.append(ev)
     return out
 
@@ -294,3 +300,46 @@ def test_any_split_gives_the_same_events(name: str, data: st.DataObject) -> None
         for _, chunk in script
     ]
     assert normalise(run(script, splits)) == normalise(run(script))
+
+
+def test_bdat_message_state_does_not_leak_into_the_next_transaction() -> None:
+    C, S = Side.CLIENT, Side.SERVER
+    script = [
+        (S, b"220 x\r\n"),
+        (C, b"EHLO a\r\n"),
+        (S, b"250 x\r\n"),
+        (C, b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nBDAT 5\r\nhello"),
+        (S, b"250 ok\r\n250 ok\r\n503 5.5.1 refused\r\n"),
+        (C, b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nBDAT 3 LAST\r\nabc"),
+        (S, b"250 ok\r\n250 ok\r\n250 queued\r\n"),
+    ]
+    (end,) = of(run(script), MessageEnd)
+    assert end.size == 3
+
+
+def test_over_long_lines_give_the_same_events_however_split() -> None:
+    line = b"NOOP " + b"A" * 65536 + b"\r\n"
+    script = [(Side.SERVER, b"220 x\r\n"), (Side.CLIENT, line + b"QUIT\r\n"), (Side.SERVER, b"500 too long\r\n221 bye\r\n")]
+    whole = normalise(run(script))
+    split = normalise(run(script, [[], [65537, 65540], []]))
+    assert whole == split
+    assert any(isinstance(e, Anomaly) and e.kind == "line_too_long" for e in whole)
+    replies = [(r.command, r.code) for r in of(whole, Reply)]
+    assert replies == [("<greeting>", 220), ("<line too long>", 500), ("QUIT", 221)]
+
+
+def test_over_long_auth_answer_returns_to_commands() -> None:
+    C, S = Side.CLIENT, Side.SERVER
+    script = [
+        (S, b"220 x\r\n"),
+        (C, b"AUTH LOGIN\r\n"),
+        (S, b"334 VXNlcm5hbWU6\r\n"),
+        (C, b"A" * 65537),
+        (C, b"\r\n"),
+        (S, b"500 5.5.6 too long\r\n"),
+        (C, b"NOOP\r\n"),
+        (S, b"250 ok\r\n"),
+    ]
+    events = run(script)
+    assert of(events, Command)[-1].verb == "NOOP"
+    assert of(events, AuthResult)[0].success is False

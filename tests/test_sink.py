@@ -9,15 +9,18 @@ import smtplib
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 import trustme
+from conftest import free_port, smtpproxy_process
 
 from smtpproxy import server
 from smtpproxy.events import Command
 from smtpproxy.server import Sink, SinkConfig
+from smtpproxy.tls import CA_CERT
 
 MAX_SIZE = 1000
 TIMEOUT = 10
@@ -771,3 +774,30 @@ async def test_implicit_tls(start_sink: StartSink, server_tls: ssl.SSLContext, c
 def test_implicit_tls_needs_a_context() -> None:
     with pytest.raises(ValueError, match="tls="):
         Sink(SinkConfig(hostname="sink.test", implicit_tls=True))
+
+
+@pytest.mark.parametrize("mode", ["listen-tls", "starttls"])
+def test_record_reaches_the_embedded_sink_over_tls(tmp_path: Path, mode: str) -> None:
+    """``record`` hands its TLS settings to the embedded sink: with
+    ``--listen-tls`` the proxy dials the sink with implicit TLS; without it a
+    client's STARTTLS is passed on to the sink."""
+    port = free_port()
+    args = ["record", "--listen", f"127.0.0.1:{port}", "--recordings", str(tmp_path / "rec")]
+    if mode == "listen-tls":
+        args.append("--listen-tls")
+    with smtpproxy_process(*args, cwd=tmp_path) as proxy:
+        assert "embedded sink" in proxy.banner
+        ctx = ssl.create_default_context(cafile=str(tmp_path / ".smtpproxy-home" / CA_CERT))
+        if mode == "listen-tls":
+            with smtplib.SMTP_SSL(*proxy.address, context=ctx, timeout=TIMEOUT) as client:
+                refused = client.sendmail("ann@example.org", ["bob@example.net"], MESSAGE)
+        else:
+            with smtplib.SMTP(*proxy.address, timeout=TIMEOUT) as client:
+                client.ehlo()
+                assert client.has_extn("starttls")
+                assert client.starttls(context=ctx)[0] == 220
+                refused = client.sendmail("ann@example.org", ["bob@example.net"], MESSAGE)
+        assert refused == {}
+        summary = proxy.wait_stdout("== session ")
+        proxy.finish()
+    assert "1 accepted" in summary and "TLS" in summary
