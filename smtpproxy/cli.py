@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -13,7 +14,13 @@ import click
 import trio
 
 from . import __version__
-from .recording import ensure_private_dir
+from .diff import diff_sessions, exchanges, format_unified, tls_facts
+from .events import Side
+from .export import export_recording
+from .recording import Recording, RecordingError, encode_event, ensure_private_dir, iter_recordings, read_recording
+from .replay import ReplayOptions, ReplayResult, format_result, format_table
+from .replay import replay as run_replay
+from .summary import SessionSummary
 from .relay import Proxy, ProxyConfig, is_loopback, parse_hostport
 from .render import Transcript
 from .server import Sink, SinkConfig
@@ -345,3 +352,236 @@ def ca(regenerate: bool) -> None:
         "Python ssl.create_default_context(cafile=PATH) | Thunderbird: Settings > Certificates > Import"
     )
     click.echo(authority.pem().decode("ascii"), nl=False)
+
+
+# -- working with recordings ---------------------------------------------------
+
+
+class RecordingProblem(click.ClickException):
+    """An unreadable recording or target: exit 2, one line, no traceback."""
+
+    exit_code = 2
+
+
+def _read(path: Path) -> Recording:
+    try:
+        return read_recording(path)
+    except RecordingError as exc:
+        raise RecordingProblem(str(exc)) from None
+
+
+def _paths(paths: tuple[Path, ...]) -> list[Path]:
+    files = iter_recordings(paths)
+    if not files:
+        raise RecordingProblem(f"no recordings (*.jsonl) in {', '.join(map(str, paths))}")
+    return files
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--show-body", is_flag=True, help="Print message bodies.")
+@click.option("--raw", "raw", is_flag=True, help="Write the exact bytes one side sent (with --side).")
+@click.option("--side", type=click.Choice(["client", "server"]), help="Which side's bytes --raw writes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the events as JSON Lines.")
+@color_option
+def show(
+    paths: tuple[Path, ...], show_body: bool, raw: bool, side: str | None, as_json: bool, color: bool | None
+) -> None:
+    """Show recordings: a file as its transcript, a folder as one row per session."""
+    if raw and side is None:
+        raise click.UsageError("--raw needs --side client or --side server")
+    if side is not None and not raw:
+        raise click.UsageError("--side goes with --raw")
+    single = len(paths) == 1 and not paths[0].is_dir()
+    files = _paths(paths)
+    if raw:
+        out = click.get_binary_stream("stdout")
+        for f in files:
+            out.write(_read(f).raw(Side(side)))
+        out.flush()
+        return
+    if as_json:
+        for f in files:
+            rec = _read(f)
+            for entry in rec.entries:
+                click.echo(json.dumps(encode_event(entry.t, entry.event), ensure_ascii=False))
+        return
+    if single or all(not p.is_dir() for p in paths) and len(files) == 1:
+        rec = _read(files[0])
+        transcript = _transcript(color, show_body=show_body)
+        click.echo(
+            f"session {rec.header.session} started {rec.header.start}: client {rec.header.client}, "
+            f"upstream {rec.header.upstream}"
+        )
+        for entry in rec.entries:
+            transcript.events(rec.header.session, [entry.event])
+        summary = SessionSummary()
+        summary.update(rec.events())
+        if rec.close is not None:
+            ended = f"closed by {rec.close.by} ({rec.close.reason}) after {rec.close.t:.2f}s"
+        else:
+            ended = "no close line: the proxy was stopped mid-session"
+        if rec.truncated:
+            ended += "; the last line was cut short"
+        transcript.summary(rec.header.session, f"{ended}: {summary.describe()}")
+        return
+    rows = [session_row(_read(f)) for f in files]
+    rows.sort(key=lambda r: r[0])
+    headers = ("start", "session", "client", "upstream", "TLS", "AUTH", "accepted", "rejected", "ended", "seconds")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def session_row(rec: Recording) -> tuple[str, ...]:
+    summary = SessionSummary()
+    summary.update(rec.events())
+    auth = "-"
+    if summary.auth_mechanism:
+        auth = f"{summary.auth_mechanism} {summary.auth_user or '?'} {'ok' if summary.auth_success else 'failed'}"
+    ended = f"{rec.close.by}: {rec.close.reason}" if rec.close else "(cut short)"
+    seconds = f"{rec.close.t:.2f}" if rec.close else (f"{rec.entries[-1].t:.2f}" if rec.entries else "0")
+    return (
+        rec.header.start,
+        rec.header.session,
+        rec.header.client,
+        rec.header.upstream,
+        summary.tls or "-",
+        auth,
+        str(summary.messages_accepted),
+        str(summary.messages_rejected),
+        ended[:60],
+        seconds,
+    )
+
+
+@main.command()
+@click.argument("recording_path", metavar="RECORDING", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--to",
+    "targets",
+    multiple=True,
+    required=True,
+    callback=lambda c, p, v: tuple(_hostport(25)(c, p, x) for x in v),
+    help="Target server HOST:PORT; repeat to replay against several at once.",
+)
+@click.option("--tls", type=click.Choice(["auto", "implicit"]), default="auto", show_default=True,
+              help="auto: STARTTLS where the recording did; implicit: TLS from the first byte (SMTPS).")
+@click.option("--ca", "cafile", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Trust this CA (PEM) for the target's certificate.")
+@click.option("--insecure", is_flag=True, help="Do not verify the target's certificate.")
+@click.option("--user", help="Authenticate as this user instead of the recorded one.")
+@click.option("--password", envvar="SMTPPROXY_PASSWORD", help="Password for new credentials (CRAM-MD5 needs it). Env: SMTPPROXY_PASSWORD.")
+@click.option("--strict", is_flag=True, help="Compare reply texts too (after masking hosts, ids, dates, numbers).")
+@click.option("--timeout", type=float, default=30.0, show_default=True, callback=_positive,
+              help="Seconds to wait for each reply.")
+@click.option("--save", type=click.Path(file_okay=False, path_type=Path),
+              help="Write the replay's own session as a recording in this folder.")
+def replay(
+    recording_path: Path,
+    targets: tuple[tuple[str, int], ...],
+    tls: str,
+    cafile: Path | None,
+    insecure: bool,
+    user: str | None,
+    password: str | None,
+    strict: bool,
+    timeout: float,
+    save: Path | None,
+) -> None:
+    """Replay RECORDING against one or more servers and report where their
+    replies differ from the recorded ones. Exit 0 when all match, 1 when any
+    differ, 2 when the recording or a target cannot be used."""
+    rec = _read(recording_path)
+    if save is not None:
+        try:
+            ensure_private_dir(save)
+        except OSError as exc:
+            raise RecordingProblem(f"cannot use --save folder {save}: {exc.strerror or exc}") from None
+    options = [
+        ReplayOptions(
+            target=t, tls=tls, cafile=cafile, insecure=insecure, user=user, password=password,
+            strict=strict, timeout=timeout, save=save,
+        )
+        for t in targets
+    ]
+    results: list[ReplayResult] = []
+
+    async def run() -> None:
+        async def one(opts: ReplayOptions, slot: int) -> None:
+            results[slot] = await run_replay(rec, opts)
+
+        results.extend(ReplayResult(o.label) for o in options)
+        async with trio.open_nursery() as nursery:
+            for k, opts in enumerate(options):
+                nursery.start_soon(one, opts, k)
+
+    trio.run(run)
+    lines = format_result(results[0]) if len(results) == 1 else format_table(results)
+    for line in lines:
+        click.echo(line)
+    if any(r.error for r in results):
+        raise RecordingProblem("; ".join(r.error for r in results if r.error))
+    for r in results:
+        if r.saved:
+            click.echo(f"replay of {r.target} saved to {r.saved}", err=True)
+    if any(r.differences for r in results):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("a", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("b", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--strict", is_flag=True, help="Compare reply texts too (after masking hosts, ids, dates, numbers).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def diff(a: Path, b: Path, strict: bool, as_json: bool) -> None:
+    """Compare two recordings exchange by exchange. Exit 0 when they match,
+    1 when they differ, 2 when one cannot be read."""
+    ra, rb = _read(a), _read(b)
+    ea = exchanges(ra.events(), [e.t for e in ra.entries])
+    eb = exchanges(rb.events(), [e.t for e in rb.entries])
+    count, diffs = diff_sessions(ea, eb, strict)
+    tls_a, tls_b = tls_facts(ra.events()), tls_facts(rb.events())
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "a": str(a),
+                    "b": str(b),
+                    "exchanges": count,
+                    "differences": [d.as_json() for d in diffs],
+                    "tls": {"a": tls_a, "b": tls_b},
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
+    else:
+        if diffs:
+            for line in format_unified(str(a), str(b), diffs):
+                click.echo(line)
+        if tls_a != tls_b:
+            click.echo(f"TLS: {tls_a or 'none'} -> {tls_b or 'none'}")
+        click.echo(f"{count} exchanges, {len(diffs)} differ")
+    if diffs:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--eml", "folder", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the .eml files and their envelope .json files.")
+def export(paths: tuple[Path, ...], folder: Path) -> None:
+    """Write each message in the recordings as an .eml file (exactly what the
+    server received), with its envelope in a .json file beside it."""
+    total = 0
+    for f in _paths(paths):
+        try:
+            written = export_recording(_read(f), folder)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write to {folder}: {exc.strerror or exc}") from None
+        total += len(written)
+        for path in written:
+            click.echo(str(path))
+    click.echo(f"{total} message(s) exported to {folder}/", err=True)

@@ -1,0 +1,417 @@
+"""Replay a recording against a server, as the recorded client would, and
+compare each reply with the recorded one.
+
+The replayer follows the protocol rather than the bytes: it says EHLO again,
+does STARTTLS where the recording did, answers a new CRAM-MD5 challenge,
+sends a body only when the server asked for it with 354, and stops cleanly
+when the server's behaviour leaves the recording behind. Parsing is the
+``Conversation``'s; the comparison rules are ``diff``'s.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import hashlib
+import hmac
+import ssl
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from .diff import Exchange, compare_replies, exchanges
+from .events import Event, Reply, Side, TlsEstablished
+from .protocol import Conversation
+from .recording import Recorder, Recording, new_session_id
+from .tls import handshake_facts
+
+__all__ = ["ReplayOptions", "ReplayResult", "Step", "replay", "format_result", "format_table"]
+
+
+@dataclass
+class ReplayOptions:
+    target: tuple[str, int]
+    tls: str = "auto"  # auto: STARTTLS where the recording did; implicit: TLS from the first byte
+    cafile: Path | None = None
+    insecure: bool = False
+    user: str | None = None
+    password: str | None = None
+    strict: bool = False
+    timeout: float = 30.0
+    connect_timeout: float = 10.0
+    save: Path | None = None
+
+    @property
+    def label(self) -> str:
+        host, port = self.target
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass
+class Step:
+    """One recorded exchange and what the target did with it."""
+
+    exchange: Exchange
+    reply: Reply | None = None
+    sent: bool = True
+    reasons: list[str] = field(default_factory=list)
+    note: str | None = None
+    payload: bytes | None = None  # what was sent, when it is not the recorded bytes
+
+    @property
+    def differs(self) -> bool:
+        return bool(self.reasons)
+
+
+@dataclass
+class ReplayResult:
+    target: str
+    steps: list[Step] = field(default_factory=list)
+    error: str | None = None
+    saved: Path | None = None
+
+    @property
+    def differences(self) -> int:
+        return sum(1 for s in self.steps if s.differs)
+
+
+class _Stop(Exception):
+    """The replay cannot follow the recording any further."""
+
+
+class _Replayer:
+    def __init__(self, recording: Recording, opts: ReplayOptions) -> None:
+        self.rec = recording
+        self.opts = opts
+        self.result = ReplayResult(opts.label)
+        self.conv = Conversation()
+        self.replies: deque[Reply] = deque()
+        self.stream: trio.abc.Stream | None = None
+        self.recorder: Recorder | None = None
+        self.start = 0.0
+        self.mechanism: str | None = None
+        self.challenge: str | None = None
+
+    # -- I/O --------------------------------------------------------------
+
+    def _observe(self, events: list[Event]) -> None:
+        for ev in events:
+            if isinstance(ev, Reply):
+                self.replies.append(ev)
+        if self.recorder is not None and events:
+            self.recorder.write(trio.current_time(), events)
+
+    async def _send(self, data: bytes) -> None:
+        assert self.stream is not None
+        self._observe(self.conv.feed(Side.CLIENT, data))
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise _Stop("the target closed the connection") from None
+
+    async def _reply(self) -> Reply | None:
+        assert self.stream is not None
+        with trio.move_on_after(self.opts.timeout):
+            while not self.replies:
+                try:
+                    data = await self.stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                if not data:
+                    return None
+                self._observe(self.conv.feed(Side.SERVER, data))
+            return self.replies.popleft()
+        raise _Stop(f"no reply within {self.opts.timeout:g}s (--timeout)")
+
+    def _tls_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.opts.cafile) if self.opts.cafile else None)
+        if self.opts.insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    async def _handshake(self) -> None:
+        assert self.stream is not None
+        host = self.opts.target[0]
+        stream = trio.SSLStream(self.stream, self._tls_context(), server_hostname=host)
+        try:
+            with trio.fail_after(self.opts.timeout):
+                await stream.do_handshake()
+        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+            cause = exc.__cause__ or exc
+            raise _Stop(f"TLS handshake with the target failed: {cause}") from None
+        self.stream = stream
+        facts = handshake_facts(stream._ssl_object)
+        self._observe([TlsEstablished(Side.SERVER, facts.version, facts.cipher, sni=host, peer=facts.peer)])
+
+    # -- the replay -------------------------------------------------------
+
+    async def run(self) -> ReplayResult:
+        exs = exchanges(self.rec.events(), [e.t for e in self.rec.entries])
+        host, port = self.opts.target
+        try:
+            with trio.fail_after(self.opts.connect_timeout):
+                self.stream = await trio.open_tcp_stream(host, port)
+        except (OSError, trio.TooSlowError) as exc:
+            self.result.error = f"cannot connect to {self.opts.label}: {_why(exc)}"
+            return self.result
+        self.start = trio.current_time()
+        if self.opts.save is not None:
+            now = _dt.datetime.now(_dt.timezone.utc)
+            self.recorder = Recorder.create(
+                self.opts.save,
+                new_session_id(),
+                now,
+                self.start,
+                client="smtpproxy replay",
+                listen="",
+                upstream=self.opts.label,
+                replay_of=str(self.rec.path),
+            )
+            self.result.saved = self.recorder.path
+        try:
+            if self.opts.tls == "implicit":
+                await self._handshake()
+                self.conv.implicit_tls()
+            await self._follow(exs)
+        except _Stop as stop:
+            self.result.steps.append(Step(Exchange("command", "<stop>"), None, False, [str(stop)]))
+            await self._quit()
+        finally:
+            if self.stream is not None:
+                await trio.aclose_forcefully(self.stream)
+            self._observe(self.conv.close())
+            if self.recorder is not None:
+                self.recorder.close(trio.current_time(), "client", "replay finished", {"differences": self.result.differences})
+        return self.result
+
+    async def _quit(self) -> None:
+        with trio.move_on_after(2):
+            try:
+                await self._send(b"QUIT\r\n")
+            except _Stop:
+                pass
+
+    def _step(self, ex: Exchange, reply: Reply | None, note: str | None = None) -> Step:
+        step = Step(ex, reply, True, compare_replies(ex.reply, reply, self.opts.strict), note)
+        self.result.steps.append(step)
+        return step
+
+    def _skip(self, ex: Exchange, why: str) -> None:
+        self.result.steps.append(Step(ex, None, False, [f"not sent: {why}"] if ex.reply else [], why))
+
+    async def _follow(self, exs: list[Exchange]) -> None:
+        i = 0
+        n = len(exs)
+        while i < n:
+            ex = exs[i]
+            if ex.kind == "greeting":
+                reply = await self._reply()
+                self._step(ex, reply)
+                if reply is None:
+                    raise _Stop("the target closed the connection")
+                i += 1
+                continue
+            if ex.kind == "unsolicited":
+                i += 1
+                continue
+            group = [ex]
+            if ex.kind == "command" and ex.group is not None and "PIPELINING" in self.conv.capabilities:
+                j = i + 1
+                while j < n and exs[j].kind == "command" and exs[j].group == ex.group:
+                    group.append(exs[j])
+                    j += 1
+            payloads = [self._payload(x) for x in group]
+            await self._send(b"".join(payloads))
+            skip_to = i + len(group)
+            for x, payload in zip(group, payloads):
+                reply = await self._reply()
+                step = self._step(x, reply)
+                if payload != x.client:
+                    step.payload = payload
+                if reply is None:
+                    raise _Stop("the target closed the connection")
+                skip_to = await self._adapt(exs, skip_to, x, reply)
+            i = skip_to
+
+    async def _adapt(self, exs: list[Exchange], nxt: int, ex: Exchange, reply: Reply) -> int:
+        """Follow the target where it leaves the recording; return the index
+        of the next exchange to play."""
+        recorded = ex.reply.code if ex.reply else None
+        if ex.verb == "DATA":
+            body = nxt < len(exs) and exs[nxt].kind == "body"
+            if reply.code != 354 and body:
+                self._skip(exs[nxt], f"the target answered DATA with {reply.code}")
+                return nxt + 1
+            if reply.code == 354 and not body:
+                await self._send(b".\r\n")
+                self._step(Exchange("body", "<body>", b".\r\n"), await self._reply(), "empty message ends the DATA the target accepted")
+            return nxt
+        if ex.verb == "STARTTLS" or (ex.kind == "command" and ex.verb == "STARTTLS"):
+            if reply.code == 220:
+                await self._handshake()
+                self._observe(self.conv.tls_established())
+                return nxt
+            if recorded == 220:
+                raise _Stop("the target refused STARTTLS; the rest is not sent in clear")
+            return nxt
+        if ex.verb == "AUTH" or ex.kind == "auth":
+            if ex.verb == "AUTH":
+                self.mechanism = ex.client.split()[1].decode("ascii", "replace").upper() if len(ex.client.split()) > 1 else None
+            if reply.code == 334:
+                self.challenge = reply.lines[0] if reply.lines else ""
+                if nxt >= len(exs) or exs[nxt].kind != "auth":
+                    await self._send(b"*\r\n")
+                    self._step(Exchange("auth", "<auth>", b"*\r\n"), await self._reply(), "cancelled: the recording has no answer for this challenge")
+                return nxt
+            while nxt < len(exs) and exs[nxt].kind == "auth":
+                self._skip(exs[nxt], f"the target ended AUTH with {reply.code}")
+                nxt += 1
+        return nxt
+
+    # -- what to send ------------------------------------------------------
+
+    def _payload(self, ex: Exchange) -> bytes:
+        opts = self.opts
+        if ex.kind == "auth":
+            return self._auth_answer(ex)
+        if ex.kind == "command" and ex.verb == "AUTH":
+            parts = ex.client.rstrip(b"\r\n").split(b" ")
+            mech = parts[1].decode("ascii", "replace").upper() if len(parts) > 1 else ""
+            if len(parts) > 2 and (opts.user or opts.password or _redacted(ex)):
+                initial = self._credential(mech, "initial")
+                return b"AUTH " + parts[1] + b" " + initial + b"\r\n"
+        return ex.client
+
+    def _auth_answer(self, ex: Exchange) -> bytes:
+        mech = self.mechanism or (ex.auth.mechanism if ex.auth else "")
+        if ex.client.strip() == b"*":
+            return ex.client
+        if mech == "CRAM-MD5" or self.opts.user or self.opts.password or _redacted(ex):
+            return self._credential(mech, "answer") + b"\r\n"
+        return ex.client
+
+    def _credential(self, mech: str, when: str) -> bytes:
+        """A fresh SASL payload from --user/--password and the recorded user."""
+        user = self.opts.user or self._recorded_user() or ""
+        password = self.opts.password
+        if password is None:
+            raise _Stop(
+                f"AUTH {mech} needs the password to answer the target (--password or SMTPPROXY_PASSWORD)"
+            )
+        if mech == "PLAIN":
+            raw = f"\0{user}\0{password}".encode()
+        elif mech == "LOGIN":
+            prompt = base64.b64decode(self.challenge or "", validate=False).decode("utf-8", "replace").lower()
+            raw = user.encode() if when == "initial" or ("pass" not in prompt) else password.encode()
+        elif mech == "CRAM-MD5":
+            challenge = base64.b64decode(self.challenge or "", validate=False)
+            digest = hmac.new(password.encode(), challenge, hashlib.md5).hexdigest()
+            raw = f"{user} {digest}".encode()
+        elif mech == "XOAUTH2":
+            raw = f"user={user}\x01auth=Bearer {password}\x01\x01".encode()
+        elif mech == "OAUTHBEARER":
+            raw = f"n,a={user},\x01auth=Bearer {password}\x01\x01".encode()
+        else:
+            raise _Stop(f"cannot make new credentials for AUTH {mech}")
+        return base64.b64encode(raw)
+
+    def _recorded_user(self) -> str | None:
+        for ev in self.rec.events():
+            auth = getattr(ev, "auth", None)
+            if auth is not None and auth.fields.get("user"):
+                return str(auth.fields["user"])
+        return None
+
+
+def _redacted(ex: Exchange) -> bool:
+    return bool(ex.auth and "redacted" in ex.auth.fields.values())
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        first = cause.exceptions[0]
+        return getattr(first, "strerror", None) or str(first)
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+async def replay(recording: Recording, opts: ReplayOptions) -> ReplayResult:
+    """Replay one recording against one target."""
+    return await _Replayer(recording, opts).run()
+
+
+# -- output -------------------------------------------------------------------
+
+
+def _reply_text(reply: Reply | None) -> str:
+    if reply is None:
+        return "(none)"
+    return reply.raw.decode("utf-8", "backslashreplace").rstrip("\r\n").replace("\r\n", " | ")
+
+
+def format_result(result: ReplayResult) -> list[str]:
+    """The replay's transcript with each difference marked."""
+    lines = [f"replay against {result.target}"]
+    if result.error:
+        return lines + [f"!! {result.error}"]
+    for step in result.steps:
+        ex = step.exchange
+        if ex.verb == "<stop>":
+            lines.append(f"!! stopped: {step.reasons[0]}")
+            continue
+        if ex.kind != "greeting":
+            label = ex.label
+            if step.payload is not None:
+                label = step.payload.decode("utf-8", "backslashreplace").rstrip("\r\n") + "   (new credentials)"
+            lines.append(f"-> {label}" if step.sent else f"   (not sent) {label}")
+        if step.sent or step.reply is not None:
+            lines.append(f"<- {_reply_text(step.reply)}")
+        if step.note:
+            lines.append(f"== {step.note}")
+        if step.differs:
+            lines.append(f"!! differs: {'; '.join(step.reasons)} (recorded: {_reply_text(ex.reply)})")
+    compared = sum(1 for s in result.steps if s.exchange.verb != "<stop>")
+    lines.append(f"{compared} exchanges, {result.differences} differ")
+    return lines
+
+
+def format_table(results: list[ReplayResult]) -> list[str]:
+    """One row per recorded exchange: the recorded reply, then each target's
+    (``*`` marks a difference)."""
+
+    def cell(reply: Reply | None, differs: bool, sent: bool = True) -> str:
+        if not sent:
+            text = "not sent"
+        elif reply is None:
+            text = "-"
+        else:
+            text = f"{reply.code} {reply.enhanced or ''}".strip()
+        return ("*" if differs else " ") + text
+
+    headers = ["exchange", "recorded"] + [r.target for r in results]
+    rows: list[list[str]] = []
+    base = max(results, key=lambda r: len(r.steps))
+    for k, step in enumerate(base.steps):
+        ex = step.exchange
+        if ex.verb == "<stop>":
+            continue
+        row = [ex.label[:40], cell(ex.reply, False)]
+        for r in results:
+            s = r.steps[k] if k < len(r.steps) and r.steps[k].exchange.verb != "<stop>" else None
+            row.append(cell(s.reply, s.differs, s.sent) if s else " (stopped)")
+        rows.append(row)
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    for r in results:
+        if r.error:
+            out.append(f"!! {r.target}: {r.error}")
+        else:
+            out.append(f"{r.target}: {len(r.steps)} exchanges, {r.differences} differ")
+    return out
+
