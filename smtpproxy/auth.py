@@ -9,10 +9,14 @@ initial response through the server's challenges and the client's answers.
 from __future__ import annotations
 
 import binascii
+from typing import TYPE_CHECKING
 
 from .events import AuthDecode
 
-__all__ = ["SaslExchange", "b64decode_text", "SECRET_FIELDS"]
+if TYPE_CHECKING:
+    from .events import Event
+
+__all__ = ["SaslExchange", "b64decode_text", "SECRET_FIELDS", "REDACTED", "redact"]
 
 #: Field names that hold secrets; redaction removes exactly these.
 SECRET_FIELDS = frozenset({"password", "token", "digest"})
@@ -144,3 +148,32 @@ class SaslExchange:
                 self.user = fields["user"]
             return AuthDecode(mech, fields)
         return AuthDecode(mech, {"text": _text(data)})
+
+
+#: What stands in for a secret in a redacted recording or transcript.
+REDACTED = "<redacted>"
+
+
+def redact(ev: "Event") -> "Event":
+    """The event with passwords, tokens and CRAM-MD5 digests removed, in the
+    decoded fields and in the raw bytes alike (the raw line would give the
+    secret back by base64-decoding it). User names stay. The event gets the
+    ``redacted`` flag, so rebuilding the byte stream knows to leave it out."""
+    from dataclasses import replace
+
+    from .events import AuthResponse, Command
+
+    if not isinstance(ev, (Command, AuthResponse)) or ev.auth is None:
+        return ev
+    secret = SECRET_FIELDS.intersection(ev.auth.fields)
+    if not secret and not ev.auth.error:
+        return ev
+    fields = {k: (REDACTED if k in SECRET_FIELDS else v) for k, v in ev.auth.fields.items()}
+    if "text" in fields:
+        fields["text"] = REDACTED
+    auth = AuthDecode(ev.auth.mechanism, fields, ev.auth.error)
+    flags = tuple(ev.flags) + ("redacted",)
+    if isinstance(ev, Command):
+        head = f"{ev.verb} {ev.auth.mechanism} {REDACTED}\r\n".encode()
+        return replace(ev, raw=head, arg=f"{ev.auth.mechanism} {REDACTED}", auth=auth, flags=flags)
+    return replace(ev, raw=f"{REDACTED}\r\n".encode(), text=REDACTED, auth=auth, flags=flags)

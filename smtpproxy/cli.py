@@ -151,6 +151,11 @@ def main() -> None:
     help="Append both legs' TLS secrets to this file (NSS key log format, for Wireshark). "
     "Default: $SSLKEYLOGFILE if set.",
 )
+@click.option(
+    "--redact",
+    is_flag=True,
+    help="Keep passwords, tokens and CRAM-MD5 digests out of recordings and the transcript (user names stay).",
+)
 @color_option
 def record(
     listen: tuple[str, int],
@@ -169,6 +174,7 @@ def record(
     upstream_insecure: bool,
     strip_starttls: bool,
     keylog: Path | None,
+    redact: bool,
     color: bool | None,
 ) -> None:
     """Relay mail clients to an SMTP server, showing and recording every
@@ -231,6 +237,7 @@ def record(
         upstream_context=upstream_ctx,
         server_contexts=contexts,
         strip_starttls=strip_starttls,
+        redact=redact,
     )
     proxy = Proxy(config, transcript)
     try:

@@ -131,10 +131,15 @@ class Recording:
     truncated: bool = False
 
     def raw(self, side: Side) -> bytes:
-        """The bytes ``side`` sent, rebuilt from the events, in order (notes
-        hold bytes the proxy sent itself, not the peer's)."""
+        """The bytes ``side`` sent, rebuilt from the events, in order. Notes
+        hold bytes the proxy sent itself, not the peer's; redacted lines (see
+        ``--redact``) are left out."""
         return b"".join(
-            e.event.raw for e in self.entries if e.event.side is side and not isinstance(e.event, Note)
+            e.event.raw
+            for e in self.entries
+            if e.event.side is side
+            and not isinstance(e.event, Note)
+            and "redacted" not in getattr(e.event, "flags", ())
         )
 
     def events(self) -> Iterator[Event]:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import trio
 
+from .auth import redact
 from .events import Command, Event, Note, Reply, Side, TlsEstablished
 from .protocol import Conversation, format_reply
 from .recording import Recorder, new_session_id
@@ -85,6 +86,8 @@ class ProxyConfig:
     upstream_sni: str | None = None
     server_contexts: ServerContexts | None = None
     strip_starttls: bool = False
+    #: remove passwords, tokens and digests from recordings and the transcript
+    redact: bool = False
 
 
 @dataclass
@@ -118,6 +121,7 @@ class Session:
         self._strip_tail = b""
         self._stripped = False
         self._upstream_upgraded = False
+        self._client_tls_silent = False
         self._held_out = bytearray()
         self._last_hello = b""
         self.start = trio.current_time()
@@ -170,6 +174,8 @@ class Session:
         Never raises: observing must not disturb relaying."""
         if not events:
             return
+        if self.proxy.config.redact:
+            events = [redact(e) for e in events]
         self.summary.update(events)
         rec = self.recorder
         if rec is not None:
@@ -200,6 +206,13 @@ class Session:
 
     def _end(self, by: str, reason: str) -> None:
         if not self.closed_by:
+            if by == "client" and self._client_tls_silent:
+                # GnuTLS clients (msmtp, mutt) check the certificate after the
+                # handshake and just hang up when they do not trust it
+                reason += (
+                    "; the client hung up right after the TLS handshake: if it does not trust "
+                    "the proxy's certificate, run 'smtpproxy ca' and trust that CA"
+                )
             self.closed_by, self.reason = by, reason
 
     async def run(self) -> None:
@@ -375,6 +388,8 @@ class Session:
                         if not data:
                             break
                         scope.deadline = trio.current_time() + idle
+                        if side is Side.CLIENT:
+                            self._client_tls_silent = False
                         events = conv.feed(side, data)
                         if side is Side.CLIENT and conv.waiting_for == "STARTTLS":
                             # never carry bytes pipelined after STARTTLS into TLS

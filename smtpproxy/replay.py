@@ -21,6 +21,7 @@ from pathlib import Path
 
 import trio
 
+from .auth import REDACTED
 from .diff import Exchange, compare_replies, exchanges
 from .events import Event, Reply, Side, TlsEstablished
 from .protocol import Conversation
@@ -298,9 +299,8 @@ class _Replayer:
         user = self.opts.user or self._recorded_user() or ""
         password = self.opts.password
         if password is None:
-            raise _Stop(
-                f"AUTH {mech} needs the password to answer the target (--password or SMTPPROXY_PASSWORD)"
-            )
+            why = "the recording is redacted" if self._is_redacted() else f"AUTH {mech} answers a new challenge"
+            raise _Stop(f"{why}: give the password with --password or SMTPPROXY_PASSWORD")
         if mech == "PLAIN":
             raw = f"\0{user}\0{password}".encode()
         elif mech == "LOGIN":
@@ -318,6 +318,9 @@ class _Replayer:
             raise _Stop(f"cannot make new credentials for AUTH {mech}")
         return base64.b64encode(raw)
 
+    def _is_redacted(self) -> bool:
+        return any("redacted" in getattr(ev, "flags", ()) for ev in self.rec.events())
+
     def _recorded_user(self) -> str | None:
         for ev in self.rec.events():
             auth = getattr(ev, "auth", None)
@@ -327,7 +330,7 @@ class _Replayer:
 
 
 def _redacted(ex: Exchange) -> bool:
-    return bool(ex.auth and "redacted" in ex.auth.fields.values())
+    return bool(ex.auth and REDACTED in ex.auth.fields.values())
 
 
 def _why(exc: BaseException) -> str:

@@ -449,15 +449,6 @@ async def test_msmtp_implicit_tls(
 
 
 @pytest.mark.peer("msmtp")
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: msmtp (GnuTLS) checks the certificate only after the handshake, then drops the "
-        "connection; the proxy records TLS with the client as established and closes with "
-        "'connection lost: [SSL: UNEXPECTED_EOF_WHILE_READING] ...', without naming 'smtpproxy ca' "
-        "as docs/tls.md promises for a client that does not trust the proxy"
-    ),
-)
 @starttls("sink")
 async def test_msmtp_that_does_not_trust_the_proxy_fails_and_is_told_the_fix(
     tmp_path: Path, upstream: Upstream, upstream_ca: trustme.CA, proxy_ca: CertificateAuthority
