@@ -292,6 +292,7 @@ class Session:
                 async with self._locks[Side.CLIENT]:
                     await stream.do_handshake()
                     self.streams[Side.CLIENT] = stream
+                    self._client_tls_silent = True
         except (trio.BrokenResourceError, trio.TooSlowError) as exc:
             cause = _tls_reason(exc)
             self._end(
