@@ -122,6 +122,7 @@ class Session:
         self._stripped = False
         self._upstream_upgraded = False
         self._client_tls_silent = False
+        self._last_server_code = 0
         self._held_out = bytearray()
         self._last_hello = b""
         self.start = trio.current_time()
@@ -176,6 +177,9 @@ class Session:
             return
         if self.proxy.config.redact:
             events = [redact(e) for e in events]
+        for ev in events:
+            if isinstance(ev, Reply):
+                self._last_server_code = ev.code
         self.summary.update(events)
         rec = self.recorder
         if rec is not None:
@@ -462,11 +466,18 @@ class Session:
                         await self._send(other, data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     self._end(side.value, f"connection lost: {exc.__cause__ or exc}")
+                    await self._upstream_gone(side)
                     scope.cancel()
                     return
                 done[side] = True
+                if side is Side.CLIENT and conv.in_message:
+                    # never let a half message through: no terminator, no half-close
+                    self._end("client", "client closed mid-message; upstream closed without completing it")
+                    scope.cancel()
+                    return
                 self._end(side.value, f"{side.value} closed the connection")
                 if side is Side.SERVER or (done[Side.CLIENT] and done[Side.SERVER]):
+                    await self._upstream_gone(side)
                     scope.cancel()
                     return
                 # the client is done sending: pass the half-close on, and
@@ -482,6 +493,16 @@ class Session:
             self._end("proxy", f"idle for {cfg.idle_timeout:g}s")
             self.observe([Note(Side.CLIENT, "idle_timeout", self.reason)])
             await self._reply_to_client(421, f"4.4.2 smtpproxy: idle for {cfg.idle_timeout:g}s, closing", "proxy_reply")
+
+    async def _upstream_gone(self, side: Side) -> None:
+        """The upstream went away without saying goodbye: tell the client
+        with a 421 (RFC 5321 3.8) unless it was closing anyway or a reply is
+        half sent (then the connection is just closed)."""
+        if side is not Side.SERVER or self._last_server_code == 221 or self.conv.server_tls:
+            return
+        if self.conv.partial_reply_bytes:
+            return
+        await self._reply_to_client(421, "4.4.2 smtpproxy: upstream closed the connection", "proxy_reply")
 
     async def _exchange(self, line: bytes) -> Reply | None:
         """Send one command upstream on the proxy's own account and read its
