@@ -23,8 +23,6 @@ import enum
 import re
 from collections import deque
 from email.header import decode_header, make_header
-from email.parser import HeaderParser
-from email.policy import compat32
 from typing import Iterable
 
 from .auth import SaslExchange
@@ -125,22 +123,36 @@ class _Message:
         )
 
 
+_WANTED = {name.lower(): name for name in _SUMMARY_HEADERS}
+
+
 def summarise_headers(head: bytes) -> dict[str, str]:
-    """The main headers of a message, MIME encoded-words decoded."""
-    try:
-        msg = HeaderParser(policy=compat32).parsestr(head.decode("utf-8", errors="replace"))
-    except (ValueError, TypeError, LookupError):
-        return {}
+    """The main headers of a message (RFC 5322 section 2.2: unfolded, MIME
+    encoded-words decoded). Only the header block is read."""
+    end = head.find(b"\r\n\r\n")
+    if end < 0:
+        end = head.find(b"\n\n")
+    block = head if end < 0 else head[:end]
     out: dict[str, str] = {}
-    for name in _SUMMARY_HEADERS:
-        value = msg.get(name)
-        if value is None:
+    name: str | None = None
+    for raw_line in block.decode("utf-8", errors="replace").splitlines():
+        if raw_line[:1] in (" ", "\t"):
+            if name is not None:
+                out[name] += " " + raw_line.strip()
             continue
-        try:
-            text = str(make_header(decode_header(str(value))))
-        except (ValueError, LookupError, UnicodeError, TypeError):
-            text = str(value)
-        out[name] = " ".join(text.split())
+        key, colon, value = raw_line.partition(":")
+        name = _WANTED.get(key.strip().lower()) if colon else None
+        if name is not None and name not in out:
+            out[name] = value.strip()
+        elif name is not None:
+            name = None  # keep the first occurrence
+    for key, value in out.items():
+        if "=?" in value:
+            try:
+                value = str(make_header(decode_header(value)))
+            except (ValueError, LookupError, UnicodeError, TypeError):
+                pass
+        out[key] = " ".join(value.split())
     return out
 
 
