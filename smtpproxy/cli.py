@@ -525,7 +525,8 @@ def replay(
                 nursery.start_soon(one, opts, k)
 
     trio.run(run)
-    lines = format_result(results[0]) if len(results) == 1 else format_table(results)
+    recorded = exchanges(rec.events(), [e.t for e in rec.entries])
+    lines = format_result(results[0]) if len(results) == 1 else format_table(results, recorded)
     for line in lines:
         click.echo(line)
     if any(r.error for r in results):
@@ -568,8 +569,8 @@ def diff(a: Path, b: Path, strict: bool, as_json: bool) -> None:
         if diffs:
             for line in format_unified(str(a), str(b), diffs):
                 click.echo(line)
-        if tls_a != tls_b:
-            click.echo(f"TLS: {tls_a or 'none'} -> {tls_b or 'none'}")
+        if tls_a.get("server") != tls_b.get("server"):
+            click.echo(f"TLS with the server: {tls_a.get('server', 'none')} -> {tls_b.get('server', 'none')}")
         click.echo(f"{count} exchanges, {len(diffs)} differ")
     if diffs:
         sys.exit(1)

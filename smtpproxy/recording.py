@@ -195,7 +195,9 @@ def decode_event(d: Mapping[str, Any]) -> Entry:
             continue
         value = d[f.name]
         if f.name == "auth" and value is not None:
-            value = AuthDecode(value["mechanism"], dict(value.get("fields", {})), value.get("error"))
+            if not isinstance(value, dict):
+                raise TypeError("auth must be an object")
+            value = AuthDecode(str(value["mechanism"]), dict(value.get("fields", {})), value.get("error"))
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[f.name] = value
@@ -206,9 +208,43 @@ def decode_event(d: Mapping[str, Any]) -> Entry:
     names = {f.name for f in dataclasses.fields(cls)}
     if "raw" in names:
         kwargs["raw"] = raw
+    side = Side(d["side"])
     if "side" in names:
-        kwargs["side"] = Side(d["side"])
+        kwargs["side"] = side
+    elif side is not cls.side:
+        raise ValueError(f"a {d['type']} comes from the {cls.side.value}, not the {side.value}")
+    _check_types(cls, kwargs)
     return Entry(float(d["t"]), cls(**kwargs))
+
+
+_SIMPLE = {"str": str, "int": int, "bool": bool, "float": float}
+
+
+def _check_types(cls: type, kwargs: Mapping[str, Any]) -> None:
+    """Refuse fields of the wrong JSON type, so that no reader of events
+    meets a list where it expects a mapping."""
+    hints = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    for name, value in kwargs.items():
+        hint = hints.get(name, "")
+        if value is None:
+            if "None" not in hint:
+                raise TypeError(f"{name} must not be null")
+            continue
+        base = hint.split("|")[0].strip()
+        if base in _SIMPLE and not (isinstance(value, _SIMPLE[base]) and not (base == "int" and isinstance(value, bool))):
+            raise TypeError(f"{name} must be {base}, not {type(value).__name__}")
+        if base.startswith("tuple") and not (isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
+            raise TypeError(f"{name} must be a list of strings")
+        if base.startswith("Mapping[str, str]") and not (
+            isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        ):
+            raise TypeError(f"{name} must be an object of strings")
+        if base.startswith("Mapping[str, object]") and not isinstance(value, dict):
+            raise TypeError(f"{name} must be an object")
+        if name == "auth" and not (
+            isinstance(value.fields, dict) and all(isinstance(v, str) for v in value.fields.values())
+        ):
+            raise TypeError("auth.fields must be an object of strings")
 
 
 # -- writing ----------------------------------------------------------------
@@ -339,23 +375,29 @@ def read_recording(path: Path) -> Recording:
         except ValueError as exc:
             if last and not ends_with_newline:
                 truncated = True
+                if header is None:
+                    raise RecordingError(f"{path}:1: the header line is cut short") from None
                 break
             raise RecordingError(f"{path}:{lineno}: not valid JSON ({exc})") from None
         if header is None:
             header = _read_header(path, obj)
             continue
-        if obj.get("type") == "close":
-            close = Close(
-                t=float(obj.get("t", 0.0)),
-                by=str(obj.get("by", "")),
-                reason=str(obj.get("reason", "")),
-                totals=obj.get("totals", {}),
-            )
-            continue
         try:
+            if obj.get("type") == "close":
+                totals = obj.get("totals", {})
+                if not isinstance(totals, dict):
+                    raise TypeError("totals must be an object")
+                close = Close(
+                    t=float(obj.get("t", 0.0)),
+                    by=str(obj.get("by", "")),
+                    reason=str(obj.get("reason", "")),
+                    totals=totals,
+                )
+                continue
             entries.append(decode_event(obj))
         except (KeyError, ValueError, TypeError) as exc:
-            raise RecordingError(f"{path}:{lineno}: not a valid event ({exc!r})") from None
+            what = "close line" if obj.get("type") == "close" else "event"
+            raise RecordingError(f"{path}:{lineno}: not a valid {what} ({exc})") from None
     if header is None:
         raise RecordingError(f"{path}:1: empty file, not a recording")
     return Recording(Path(path), header, entries, close, truncated)
@@ -365,7 +407,9 @@ def _read_header(path: Path, obj: Mapping[str, Any]) -> Header:
     if obj.get("format") != FORMAT:
         raise RecordingError(f"{path}:1: not an smtpproxy recording (no format header)")
     version = obj.get("version")
-    if not isinstance(version, int) or version > VERSION or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise RecordingError(f"{path}:1: format version must be a whole number, not {version!r}")
+    if version > VERSION or version < 1:
         raise RecordingError(
             f"{path}:1: recording format version {version!r} is not supported "
             f"(this smtpproxy reads up to {VERSION}; upgrade smtpproxy)"

@@ -23,8 +23,8 @@ import trio
 
 from .auth import REDACTED
 from .diff import Exchange, compare_replies, exchanges
-from .events import Event, Reply, Side, TlsEstablished
-from .protocol import Conversation
+from .events import Event, MessageEnd, Reply, Side, TlsEstablished
+from .protocol import ClientState, Conversation
 from .recording import Recorder, Recording, new_session_id
 from .tls import handshake_facts
 
@@ -60,6 +60,7 @@ class Step:
     reasons: list[str] = field(default_factory=list)
     note: str | None = None
     payload: bytes | None = None  # what was sent, when it is not the recorded bytes
+    index: int | None = None  # position among the recorded exchanges; None for a step replay added
 
     @property
     def differs(self) -> bool:
@@ -82,6 +83,10 @@ class _Stop(Exception):
     """The replay cannot follow the recording any further."""
 
 
+class _Unusable(_Stop):
+    """The replay cannot go on for want of something only the user can give."""
+
+
 class _Replayer:
     def __init__(self, recording: Recording, opts: ReplayOptions) -> None:
         self.rec = recording
@@ -94,6 +99,7 @@ class _Replayer:
         self.start = 0.0
         self.mechanism: str | None = None
         self.challenge: str | None = None
+        self._index: dict[int, int] = {}
 
     # -- I/O --------------------------------------------------------------
 
@@ -152,12 +158,6 @@ class _Replayer:
     async def run(self) -> ReplayResult:
         exs = exchanges(self.rec.events(), [e.t for e in self.rec.entries])
         host, port = self.opts.target
-        try:
-            with trio.fail_after(self.opts.connect_timeout):
-                self.stream = await trio.open_tcp_stream(host, port)
-        except (OSError, trio.TooSlowError) as exc:
-            self.result.error = f"cannot connect to {self.opts.label}: {_why(exc)}"
-            return self.result
         self.start = trio.current_time()
         if self.opts.save is not None:
             now = _dt.datetime.now(_dt.timezone.utc)
@@ -173,12 +173,22 @@ class _Replayer:
             )
             self.result.saved = self.recorder.path
         try:
+            with trio.fail_after(self.opts.connect_timeout):
+                self.stream = await trio.open_tcp_stream(host, port)
+        except (OSError, trio.TooSlowError) as exc:
+            self.result.error = f"cannot connect to {self.opts.label}: {_why(exc)}"
+            if self.recorder is not None:
+                self.recorder.close(trio.current_time(), "proxy", self.result.error, {})
+            return self.result
+        try:
             if self.opts.tls == "implicit":
                 await self._handshake()
                 self.conv.implicit_tls()
             await self._follow(exs)
         except _Stop as stop:
             self.result.steps.append(Step(Exchange("command", "<stop>"), None, False, [str(stop)]))
+            if isinstance(stop, _Unusable):
+                self.result.error = str(stop)
             await self._quit()
         finally:
             if self.stream is not None:
@@ -189,21 +199,30 @@ class _Replayer:
         return self.result
 
     async def _quit(self) -> None:
+        """Leave politely: cancel a SASL exchange first (RFC 4954 section 4),
+        so QUIT is never taken for a credential."""
         with trio.move_on_after(2):
             try:
+                if self.conv.client_state is ClientState.AUTH:
+                    await self._send(b"*\r\n")
+                    await self._reply()
                 await self._send(b"QUIT\r\n")
             except _Stop:
                 pass
 
     def _step(self, ex: Exchange, reply: Reply | None, note: str | None = None) -> Step:
         step = Step(ex, reply, True, compare_replies(ex.reply, reply, self.opts.strict), note)
+        step.index = self._index.get(id(ex))
         self.result.steps.append(step)
         return step
 
     def _skip(self, ex: Exchange, why: str) -> None:
-        self.result.steps.append(Step(ex, None, False, [f"not sent: {why}"] if ex.reply else [], why))
+        step = Step(ex, None, False, [f"not sent: {why}"] if ex.reply else [], why)
+        step.index = self._index.get(id(ex))
+        self.result.steps.append(step)
 
     async def _follow(self, exs: list[Exchange]) -> None:
+        self._index = {id(x): k for k, x in enumerate(exs)}
         i = 0
         n = len(exs)
         while i < n:
@@ -248,7 +267,8 @@ class _Replayer:
                 return nxt + 1
             if reply.code == 354 and not body:
                 await self._send(b".\r\n")
-                self._step(Exchange("body", "<body>", b".\r\n"), await self._reply(), "empty message ends the DATA the target accepted")
+                empty = Exchange("body", "<body>", b".\r\n", message=MessageEnd(size=0, headers={}))
+                self._step(empty, await self._reply(), "empty message ends the DATA the target accepted")
             return nxt
         if ex.verb == "STARTTLS" or (ex.kind == "command" and ex.verb == "STARTTLS"):
             if reply.code == 220:
@@ -300,7 +320,7 @@ class _Replayer:
         password = self.opts.password
         if password is None:
             why = "the recording is redacted" if self._is_redacted() else f"AUTH {mech} answers a new challenge"
-            raise _Stop(f"{why}: give the password with --password or SMTPPROXY_PASSWORD")
+            raise _Unusable(f"{why}: give the password with --password or SMTPPROXY_PASSWORD")
         if mech == "PLAIN":
             raw = f"\0{user}\0{password}".encode()
         elif mech == "LOGIN":
@@ -360,7 +380,7 @@ def _reply_text(reply: Reply | None) -> str:
 def format_result(result: ReplayResult) -> list[str]:
     """The replay's transcript with each difference marked."""
     lines = [f"replay against {result.target}"]
-    if result.error:
+    if result.error and not result.steps:
         return lines + [f"!! {result.error}"]
     for step in result.steps:
         ex = step.exchange
@@ -383,38 +403,44 @@ def format_result(result: ReplayResult) -> list[str]:
     return lines
 
 
-def format_table(results: list[ReplayResult]) -> list[str]:
+def format_table(results: list[ReplayResult], recorded: list[Exchange]) -> list[str]:
     """One row per recorded exchange: the recorded reply, then each target's
-    (``*`` marks a difference)."""
+    (``*`` marks a difference). Steps a replay added (an empty message, a
+    cancelled challenge) are noted below the table, not given rows."""
 
-    def cell(reply: Reply | None, differs: bool, sent: bool = True) -> str:
-        if not sent:
+    def cell(step: Step | None, stopped: bool) -> str:
+        if step is None:
+            return " (stopped)" if stopped else " -"
+        if not step.sent:
             text = "not sent"
-        elif reply is None:
+        elif step.reply is None:
             text = "-"
         else:
-            text = f"{reply.code} {reply.enhanced or ''}".strip()
-        return ("*" if differs else " ") + text
+            text = f"{step.reply.code} {step.reply.enhanced or ''}".strip()
+        return ("*" if step.differs else " ") + text
 
     headers = ["exchange", "recorded"] + [r.target for r in results]
+    by_index = [{s.index: s for s in r.steps if s.index is not None} for r in results]
+    stops = [next((s for s in r.steps if s.exchange.verb == "<stop>"), None) for r in results]
     rows: list[list[str]] = []
-    base = max(results, key=lambda r: len(r.steps))
-    for k, step in enumerate(base.steps):
-        ex = step.exchange
-        if ex.verb == "<stop>":
+    for k, ex in enumerate(recorded):
+        if ex.kind == "unsolicited":
             continue
-        row = [ex.label[:40], cell(ex.reply, False)]
-        for r in results:
-            s = r.steps[k] if k < len(r.steps) and r.steps[k].exchange.verb != "<stop>" else None
-            row.append(cell(s.reply, s.differs, s.sent) if s else " (stopped)")
+        recorded_cell = " " + (f"{ex.reply.code} {ex.reply.enhanced or ''}".strip() if ex.reply else "-")
+        row = [ex.label[:40], recorded_cell]
+        for r, steps, stop in zip(results, by_index, stops):
+            row.append(cell(steps.get(k), stop is not None or r.error is not None))
         rows.append(row)
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    for r in results:
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    for r, stop in zip(results, stops):
+        for s in r.steps:
+            if s.index is None and s.exchange.verb != "<stop>":
+                out.append(f"== {r.target}: {s.note or s.exchange.label}: {_reply_text(s.reply)}")
         if r.error:
             out.append(f"!! {r.target}: {r.error}")
-        else:
-            out.append(f"{r.target}: {len(r.steps)} exchanges, {r.differences} differ")
+        elif stop is not None:
+            out.append(f"!! {r.target}: stopped: {stop.reasons[0]}")
+        out.append(f"{r.target}: {sum(1 for s in r.steps if s.exchange.verb != '<stop>')} exchanges, {r.differences} differ")
     return out
-

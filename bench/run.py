@@ -1,0 +1,202 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark: Postfix's smtp-source -> (hop) -> smtp-sink.
+
+    python bench/run.py [--workloads small,large,conn,lat] [--rounds 3] [--scale 1.0]
+
+Hops compared side by side in one run, interleaved (A B C D, B C D A, ...):
+  direct    smtp-source talks to smtp-sink
+  socat     socat TCP-LISTEN ... TCP:sink
+  trio      bench/trio_relay.py, a minimal trio byte relay
+  smtpproxy smtpproxy record --quiet, recording to a scratch folder
+
+Only the two Postfix test binaries are used (Debian package postfix); the
+Postfix daemon is not started. Every message must reach the sink (its counter
+is checked) or the run counts as failed. Output: the median wall time of each
+hop, its ratio to direct and to the trio relay, smtpproxy's peak RSS (VmHWM)
+and its recording size per message and relative to the bytes on the wire.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+WORKLOADS = {
+    # sessions (concurrent), messages (total), size (octets), reuse (several messages per connection)
+    "small": dict(sessions=20, messages=60000, size=1024, reuse=True),
+    "large": dict(sessions=2, messages=40, size=20 * 1024 * 1024, reuse=True),
+    "conn": dict(sessions=500, messages=20000, size=1024, reuse=False),
+    "lat": dict(sessions=1, messages=20000, size=1024, reuse=True),
+}
+HOPS = ["direct", "socat", "trio", "smtpproxy"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {timeout}s")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def vm_hwm_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass
+class Run:
+    hop: str
+    seconds: float
+    delivered: int
+    rss_kb: int = 0
+    rec_bytes: int = 0
+    wire_bytes: int = 0
+
+
+def one_run(hop: str, wl: dict, scratch: Path) -> Run:
+    sink_port = free_port()
+    sink_user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    sink = subprocess.Popen(
+        ["smtp-sink", "-c", *sink_user, f"127.0.0.1:{sink_port}", "4096"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    hop_proc: subprocess.Popen[bytes] | None = None
+    rec_dir = scratch / f"rec-{time.monotonic_ns()}"
+    try:
+        wait_listening(sink_port, sink)
+        target = sink_port
+        if hop != "direct":
+            target = free_port()
+            if hop == "socat":
+                cmd = ["socat", f"TCP-LISTEN:{target},bind=127.0.0.1,fork,reuseaddr,backlog=4096", f"TCP:127.0.0.1:{sink_port}"]
+            elif hop == "trio":
+                cmd = [sys.executable, str(HERE / "trio_relay.py"), str(target), str(sink_port)]
+            else:
+                cmd = [
+                    sys.executable, "-m", "smtpproxy", "record", "--listen", f"127.0.0.1:{target}",
+                    "--upstream", f"127.0.0.1:{sink_port}", "--recordings", str(rec_dir), "--quiet",
+                    "--no-color", "--max-sessions", "100000",
+                ]
+            hop_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_listening(target, hop_proc)
+        src = ["smtp-source", "-s", str(wl["sessions"]), "-m", str(wl["messages"]), "-l", str(wl["size"])]
+        if wl["reuse"]:
+            src.append("-d")
+        src.append(f"127.0.0.1:{target}")
+        t0 = time.perf_counter()
+        subprocess.run(src, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
+        seconds = time.perf_counter() - t0
+        run = Run(hop, seconds, 0)
+        if hop == "smtpproxy" and hop_proc is not None:
+            run.rss_kb = vm_hwm_kb(hop_proc.pid)
+    finally:
+        if hop_proc is not None:
+            stop(hop_proc)
+        stop(sink)
+    out = sink.stdout.read().decode(errors="replace") if sink.stdout else ""
+    counts = re.findall(r"mesg=(\d+)", out)
+    run.delivered = int(counts[-1]) if counts else 0
+    if hop == "smtpproxy" and rec_dir.exists():
+        for f in rec_dir.glob("*.jsonl"):
+            run.rec_bytes += f.stat().st_size
+            last = f.read_text(errors="replace").rstrip("\n").rsplit("\n", 1)[-1]
+            try:
+                totals = json.loads(last).get("totals", {})
+            except ValueError:
+                totals = {}
+            run.wire_bytes += totals.get("bytes_from_client", 0) + totals.get("bytes_from_server", 0)
+        shutil.rmtree(rec_dir, ignore_errors=True)
+    return run
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default="small,large,conn,lat")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply message counts (0.1 for a quick run)")
+    ap.add_argument("--hops", default=",".join(HOPS))
+    args = ap.parse_args()
+    for tool in ("smtp-source", "smtp-sink", "socat"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} not found: apt-get install postfix socat (the daemon need not run)")
+    hops = args.hops.split(",")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}")
+    print(f"command: {' '.join(sys.argv)}\n")
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="smtpproxy-bench-") as tmp:
+        scratch = Path(tmp)
+        for name in args.workloads.split(","):
+            wl = dict(WORKLOADS[name])
+            wl["messages"] = max(wl["sessions"], int(wl["messages"] * args.scale))
+            runs: dict[str, list[Run]] = {h: [] for h in hops}
+            for r in range(args.rounds):
+                order = hops[r % len(hops):] + hops[: r % len(hops)]
+                for hop in order:
+                    run = one_run(hop, wl, scratch)
+                    if run.delivered != wl["messages"]:
+                        failed = True
+                        print(f"!! {name}/{hop}: {run.delivered} of {wl['messages']} messages arrived")
+                    runs[hop].append(run)
+            med = {h: statistics.median(x.seconds for x in runs[h]) for h in hops}
+            print(f"## {name}: {wl['sessions']} sessions, {wl['messages']} messages of {wl['size']} octets"
+                  f"{', several per connection' if wl['reuse'] else ', one per connection'}; {args.rounds} rounds")
+            print("| hop | median s | x direct | x trio relay | peak RSS | recording/msg | recording/wire |")
+            print("|---|---|---|---|---|---|---|")
+            for h in hops:
+                rss = rec = ratio = ""
+                if h == "smtpproxy":
+                    last = runs[h][-1]
+                    rss = f"{max(x.rss_kb for x in runs[h]) / 1024:.1f} MB"
+                    rec = f"{last.rec_bytes / max(1, wl['messages']):,.0f} B"
+                    ratio = f"{last.rec_bytes / max(1, last.wire_bytes):.2f}"
+                xd = med[h] / med["direct"] if "direct" in med else float("nan")
+                xt = med[h] / med["trio"] if "trio" in med else float("nan")
+                print(f"| {h} | {med[h]:.2f} | {xd:.2f} | {xt:.2f} | {rss} | {rec} | {ratio} |")
+            print()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
