@@ -402,7 +402,7 @@ def show(
     single = len(paths) == 1 and not paths[0].is_dir()
     files = _paths(paths)
     if raw:
-        out = click.get_binary_stream("stdout")
+        out = sys.stdout.buffer
         for f in files:
             out.write(_read(f).raw(Side(side)))
         out.flush()

@@ -108,15 +108,17 @@ class _Message:
         if b"\r\n\r\n" in self.head or b"\n\n" in self.head or len(self.head) >= MAX_HEADER:
             self.head_done = True
 
-    def size(self) -> int:
-        if self.via == "DATA":
+    def size(self, complete: bool = True) -> int:
+        if self.via == "DATA" and complete:
             # the terminator's "\r\n." was counted as a dot; ".\r\n" is not content
             return max(0, self.wire - max(0, self.dots - 1) - 3)
+        if self.via == "DATA":
+            return self.wire - self.dots  # no terminator came: every dot counted was stuffed
         return self.wire
 
     def end(self, complete: bool) -> MessageEnd:
         return MessageEnd(
-            size=self.size(),
+            size=self.size(complete),
             headers=summarise_headers(bytes(self.head)),
             via=self.via,
             complete=complete,
@@ -297,6 +299,7 @@ class Conversation:
         self._auth_cancelled = False
         self._reply_raw: list[bytes] = []
         self._reply_lines: list[str] = []
+        self._reply_held = 0  # octets in _reply_raw
         self._reply_code = 0
         self._reply_flags: tuple[str, ...] = ()
         self._anomalies: set[str] = set()
@@ -363,6 +366,7 @@ class Conversation:
             self._out.append(Opaque(Side.SERVER, b"".join(self._reply_raw), "incomplete reply at close"))
             self._reply_raw = []
             self._reply_lines = []
+            self._reply_held = 0
         if self._sbuf:
             self._out.append(Opaque(Side.SERVER, bytes(self._sbuf), "incomplete at close"))
             self._sbuf.clear()
@@ -393,7 +397,7 @@ class Conversation:
     def partial_reply_bytes(self) -> int:
         """Server bytes of a reply not yet complete (lines of a multi-line
         reply so far, and a partial line)."""
-        return len(self._sbuf) + sum(map(len, self._reply_raw))
+        return len(self._sbuf) + self._reply_held
 
     @property
     def in_message(self) -> bool:
@@ -410,6 +414,8 @@ class Conversation:
         self._out.append(Anomaly(side, kind, detail))
 
     def _too_long(self, side: Side, raw: bytes) -> None:
+        if side is Side.SERVER and self._reply_raw:
+            self._finish_reply()  # keep the events in wire order
         self._anomaly(side, "line_too_long", f"a line longer than {MAX_LINE} octets")
         self._out.append(Opaque(side, raw, "line too long"))
 
@@ -421,7 +427,8 @@ class Conversation:
             if state is ClientState.COMMAND or state is ClientState.AUTH:
                 nl = buf.find(b"\n", pos)
                 if nl < 0:
-                    if len(buf) - pos > MAX_LINE:
+                    # the rest of a line already given up on goes out at once
+                    if self._c_discard or len(buf) - pos > MAX_LINE:
                         self._too_long(Side.CLIENT, bytes(buf[pos:]))
                         self._c_discard = True
                         pos = len(buf)
@@ -594,7 +601,7 @@ class Conversation:
                 break
             nl = buf.find(b"\n", pos)
             if nl < 0:
-                if len(buf) - pos > MAX_LINE:
+                if self._s_discard or len(buf) - pos > MAX_LINE:
                     self._too_long(Side.SERVER, bytes(buf[pos:]))
                     self._s_discard = True
                     pos = len(buf)
@@ -614,6 +621,10 @@ class Conversation:
     def _on_reply_line(self, raw: bytes) -> None:
         text, flags = _decode_line(raw)
         if len(text) < 3 or not (text[:3].isascii() and text[:3].isdigit()) or (len(text) > 3 and text[3] not in " -"):
+            if self._reply_raw:
+                # a broken line ends a multi-line reply, as clients read it, and
+                # keeps the events in wire order
+                self._finish_reply()
             self._anomaly(Side.SERVER, "not_a_reply", f"not an SMTP reply line: {text[:60]!r}")
             self._out.append(Opaque(Side.SERVER, raw, "not a reply line"))
             return
@@ -626,10 +637,22 @@ class Conversation:
         self._reply_code = code
         self._reply_raw.append(raw)
         self._reply_lines.append(text[4:])
+        self._reply_held += len(raw)
+        if self._reply_held > MAX_LINE and len(self._reply_raw) > 1:
+            self._reply_too_long()
         if flags:
             self._reply_flags = tuple(dict.fromkeys(self._reply_flags + flags))
         if text[3:4] != "-":
             self._finish_reply()
+
+    def _reply_too_long(self) -> None:
+        """A multi-line reply past ``MAX_LINE`` octets (a server that never
+        sends the last line must not grow memory): the lines so far but the
+        last become opaque; the last keeps the reply open until its end."""
+        self._anomaly(Side.SERVER, "reply_too_long", f"a multi-line reply longer than {MAX_LINE} octets")
+        self._out.append(Opaque(Side.SERVER, b"".join(self._reply_raw[:-1]), "reply too long"))
+        del self._reply_raw[:-1], self._reply_lines[:-1]
+        self._reply_held = len(self._reply_raw[0])
 
     def _finish_reply(self) -> None:
         raw = b"".join(self._reply_raw)
@@ -638,6 +661,7 @@ class Conversation:
         flags = self._reply_flags
         self._reply_raw = []
         self._reply_lines = []
+        self._reply_held = 0
         self._reply_flags = ()
         m = _ENHANCED.match(lines[0]) if lines else None
         enhanced = ".".join(m.groups()) if m else None

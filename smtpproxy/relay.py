@@ -107,6 +107,15 @@ class _SessionEnd(Exception):
         self.reason = reason
 
 
+class _SendFailed(trio.BrokenResourceError):
+    """Sending to ``side`` failed: that peer is gone, not the one a pump was
+    reading from. Its ``__cause__`` is the underlying error."""
+
+    def __init__(self, side: Side) -> None:
+        super().__init__(f"sending to the {side.value} failed")
+        self.side = side
+
+
 class Session:
     """One client connection and its upstream connection."""
 
@@ -206,7 +215,10 @@ class Session:
     async def _send(self, side: Side, data: bytes) -> None:
         """Send to ``side``'s peer, over whatever stream it has now."""
         async with self._locks[side]:
-            await self.streams[side].send_all(data)
+            try:
+                await self.streams[side].send_all(data)
+            except trio.BrokenResourceError as exc:
+                raise _SendFailed(side) from (exc.__cause__ or exc)
 
     def _end(self, by: str, reason: str) -> None:
         if not self.closed_by:
@@ -465,8 +477,10 @@ class Session:
                         self.observe(events)
                         await self._send(other, data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self._end(side.value, f"connection lost: {exc.__cause__ or exc}")
-                    await self._upstream_gone(side)
+                    # a failed send is the fault of the peer sent to, not the one read
+                    lost = exc.side if isinstance(exc, _SendFailed) else side
+                    self._end(lost.value, f"connection lost: {exc.__cause__ or exc}")
+                    await self._upstream_gone(lost)
                     scope.cancel()
                     return
                 done[side] = True

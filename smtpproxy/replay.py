@@ -23,7 +23,7 @@ import trio
 
 from .auth import REDACTED
 from .diff import Exchange, compare_replies, exchanges
-from .events import Event, MessageEnd, Reply, Side, TlsEstablished
+from .events import Command, Event, MessageEnd, Reply, Side, TlsEstablished
 from .protocol import ClientState, Conversation
 from .recording import Recorder, Recording, new_session_id
 from .tls import handshake_facts
@@ -100,6 +100,7 @@ class _Replayer:
         self.mechanism: str | None = None
         self.challenge: str | None = None
         self._index: dict[int, int] = {}
+        self._proxy_starttls = False
 
     # -- I/O --------------------------------------------------------------
 
@@ -181,9 +182,11 @@ class _Replayer:
                 self.recorder.close(trio.current_time(), "proxy", self.result.error, {})
             return self.result
         try:
-            if self.opts.tls == "implicit":
+            upstream = upstream_tls_of(self.rec)
+            if self.opts.tls == "implicit" or (self.opts.tls == "auto" and upstream == "implicit"):
                 await self._handshake()
                 self.conv.implicit_tls()
+            self._proxy_starttls = self.opts.tls == "auto" and upstream == "proxy-starttls"
             await self._follow(exs)
         except _Stop as stop:
             self.result.steps.append(Step(Exchange("command", "<stop>"), None, False, [str(stop)]))
@@ -260,6 +263,9 @@ class _Replayer:
         """Follow the target where it leaves the recording; return the index
         of the next exchange to play."""
         recorded = ex.reply.code if ex.reply else None
+        if ex.verb in ("EHLO", "HELO") and self._proxy_starttls and 200 <= reply.code < 300:
+            await self._upgrade_like_the_proxy(ex)
+            return nxt
         if ex.verb == "DATA":
             body = nxt < len(exs) and exs[nxt].kind == "body"
             if reply.code != 354 and body:
@@ -291,6 +297,23 @@ class _Replayer:
                 self._skip(exs[nxt], f"the target ended AUTH with {reply.code}")
                 nxt += 1
         return nxt
+
+    async def _upgrade_like_the_proxy(self, ehlo: Exchange) -> None:
+        """The recording was made with ``--upstream-tls starttls``: the proxy
+        upgraded the upstream leg itself after the first EHLO. Do the same, so
+        nothing the recording sent under TLS goes out in clear."""
+        self._proxy_starttls = False
+        start = Exchange("command", "STARTTLS", b"STARTTLS\r\n")
+        await self._send(start.client)
+        reply = await self._reply()
+        self.result.steps.append(Step(start, reply, True, [], "STARTTLS as the proxy did (--upstream-tls starttls)"))
+        if reply is None or reply.code != 220:
+            raise _Stop("the target refused STARTTLS, which the recorded upstream leg used; the rest is not sent in clear")
+        await self._handshake()
+        self._observe(self.conv.tls_established())
+        again = Exchange("command", ehlo.verb, ehlo.client)
+        await self._send(ehlo.client)
+        self.result.steps.append(Step(again, await self._reply(), True, [], "EHLO again over TLS"))
 
     # -- what to send ------------------------------------------------------
 
@@ -347,6 +370,24 @@ class _Replayer:
             if auth is not None and auth.fields.get("user"):
                 return str(auth.fields["user"])
         return None
+
+
+def upstream_tls_of(rec: Recording) -> str:
+    """How the recorded upstream leg was encrypted: ``implicit`` (TLS before
+    the greeting), ``starttls`` (the client's STARTTLS), ``proxy-starttls``
+    (the proxy upgraded it on its own, ``--upstream-tls starttls``) or ``none``."""
+    greeted = False
+    client_starttls = False
+    for ev in rec.events():
+        if isinstance(ev, Reply):
+            greeted = True
+        elif isinstance(ev, Command) and ev.verb == "STARTTLS":
+            client_starttls = True
+        elif isinstance(ev, TlsEstablished) and ev.side is Side.SERVER:
+            if not greeted:
+                return "implicit"
+            return "starttls" if client_starttls else "proxy-starttls"
+    return "none"
 
 
 def _redacted(ex: Exchange) -> bool:
