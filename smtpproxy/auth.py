@@ -154,21 +154,44 @@ class SaslExchange:
 REDACTED = "<redacted>"
 
 
+#: Mechanisms whose payloads this module knows field by field.
+KNOWN_MECHANISMS = frozenset({"PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2", "OAUTHBEARER"})
+_SMTP_VERBS = frozenset(
+    "HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP AUTH STARTTLS ETRN TURN ATRN".split()
+)
+
+
+def _looks_like_sasl(line: bytes) -> bool:
+    text = line.strip()
+    return len(text) >= 4 and b" " not in text and _b64(text.decode("ascii", "replace")) is not None
+
+
 def redact(ev: "Event") -> "Event":
     """The event with passwords, tokens and CRAM-MD5 digests removed, in the
     decoded fields and in the raw bytes alike (the raw line would give the
     secret back by base64-decoding it). User names stay. The event gets the
-    ``redacted`` flag, so rebuilding the byte stream knows to leave it out."""
+    ``redacted`` flag, so rebuilding the byte stream knows to leave it out.
+
+    Erring on the side of secrecy: every client payload of a mechanism not
+    known field by field (SCRAM, NTLM, DIGEST-MD5...) is removed whole; so is
+    a line read as an unknown command that is base64 (a SASL answer
+    pipelined after an AUTH the server refused), and any client bytes the
+    observer could not read (except TLS records)."""
     from dataclasses import replace
 
-    from .events import AuthResponse, Command
+    from .events import AuthResponse, Command, Note, Opaque, Side
 
+    if isinstance(ev, Opaque) and ev.side is Side.CLIENT and ev.reason != "tls":
+        return Note(Side.CLIENT, "redacted", f"{len(ev.raw)} octets the observer could not read ({ev.reason}), redacted")
+    if isinstance(ev, Command) and ev.auth is None and ev.verb not in _SMTP_VERBS and _looks_like_sasl(ev.raw):
+        return replace(ev, raw=f"{REDACTED}\r\n".encode(), verb=REDACTED, arg="", flags=tuple(ev.flags) + ("redacted",))
     if not isinstance(ev, (Command, AuthResponse)) or ev.auth is None:
         return ev
+    unknown = ev.auth.mechanism not in KNOWN_MECHANISMS
     secret = SECRET_FIELDS.intersection(ev.auth.fields)
-    if not secret and not ev.auth.error:
+    if not secret and not ev.auth.error and not unknown:
         return ev
-    fields = {k: (REDACTED if k in SECRET_FIELDS else v) for k, v in ev.auth.fields.items()}
+    fields = {k: (REDACTED if k in SECRET_FIELDS or unknown else v) for k, v in ev.auth.fields.items()}
     if "text" in fields:
         fields["text"] = REDACTED
     auth = AuthDecode(ev.auth.mechanism, fields, ev.auth.error)

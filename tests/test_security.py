@@ -194,30 +194,9 @@ async def test_redact_keeps_every_secret_out_of_recordings_and_transcript(tmp_pa
 @pytest.mark.parametrize(
     "case",
     [
-        pytest.param(
-            "scram",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="auth.redact only blanks known secret fields: the payloads of other mechanisms "
-                "(SCRAM client proof, NTLM and DIGEST-MD5 responses) stay in clear with --redact",
-            ),
-        ),
-        pytest.param(
-            "pipelined-login",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="SASL answers pipelined after an AUTH the server refuses are read as commands, "
-                "so redact() does not see them as secrets and the base64 password is recorded",
-            ),
-        ),
-        pytest.param(
-            "cut-short",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="an AUTH line without its line end at close is recorded as opaque "
-                "'incomplete at close' bytes, which redact() does not touch",
-            ),
-        ),
+        "scram",
+        "pipelined-login",
+        "cut-short",
     ],
 )
 async def test_redact_secrets_the_observer_cannot_read_as_sasl(tmp_path: Path, case: str) -> None:
