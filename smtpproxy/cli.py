@@ -411,7 +411,7 @@ def show(
         for f in files:
             rec = _read(f)
             for entry in rec.entries:
-                click.echo(json.dumps(encode_event(entry.t, entry.event), ensure_ascii=False))
+                click.echo(json.dumps(encode_event(entry.t, entry.event, full=True), ensure_ascii=False))
         return
     if single or all(not p.is_dir() for p in paths) and len(files) == 1:
         rec = _read(files[0])

@@ -49,6 +49,9 @@ __all__ = [
     "format_reply",
     "Unstuffer",
     "parse_path",
+    "line_text",
+    "command_arg",
+    "reply_lines",
 ]
 
 #: Longest line the observer holds before it gives up on it (RFC 5321 allows
@@ -266,6 +269,22 @@ def _decode_line(raw: bytes) -> tuple[str, tuple[str, ...]]:
         return line.decode("utf-8"), flags
     except UnicodeDecodeError:
         return line.decode("utf-8", errors="backslashreplace"), flags + ("bad_utf8",)
+
+
+def line_text(raw: bytes) -> str:
+    """The text of one line as the events give it (no line end; bytes that
+    are not UTF-8 escaped)."""
+    return _decode_line(raw)[0]
+
+
+def command_arg(raw: bytes) -> str:
+    """What follows the verb on a command line: ``Command.arg``."""
+    return line_text(raw).partition(" ")[2]
+
+
+def reply_lines(raw: bytes) -> tuple[str, ...]:
+    """The text parts of each line of a reply: ``Reply.lines``."""
+    return tuple(line_text(line)[4:] for line in raw.splitlines(keepends=True))
 
 
 class Conversation:

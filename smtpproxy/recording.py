@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+from .protocol import command_arg, line_text, reply_lines
 from .events import (
     Anomaly,
     AuthDecode,
@@ -76,6 +77,18 @@ _CLASSES = {name: cls for cls, name in _TYPES.items()}
 _FIELDS: dict[type, list[dataclasses.Field[Any]]] = {
     cls: [f for f in dataclasses.fields(cls) if f.name not in ("raw", "side")] for cls in _TYPES
 }
+#: Fields not written because the reader derives them from ``raw``
+#: (keeps recordings small: they are read far less often than written).
+_DERIVED: dict[type, tuple[str, Any]] = {
+    Command: ("arg", command_arg),
+    AuthResponse: ("text", line_text),
+    Reply: ("lines", reply_lines),
+}
+_WRITTEN: dict[type, list[dataclasses.Field[Any]]] = {
+    cls: [f for f in fields if cls not in _DERIVED or f.name != _DERIVED[cls][0]] for cls, fields in _FIELDS.items()
+}
+#: Types whose side is fixed (a class attribute): it is not written either.
+_ONE_SIDED = {cls for cls in _TYPES if "side" not in {f.name for f in dataclasses.fields(cls)}}
 _MISSING = dataclasses.MISSING
 
 
@@ -162,11 +175,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def encode_event(t: float, ev: Event) -> dict[str, Any]:
-    """The JSON object for one event."""
+def encode_event(t: float, ev: Event, full: bool = False) -> dict[str, Any]:
+    """The JSON object for one event. In the file, fields the reader derives
+    are left out; ``full`` puts every field in (for ``show --json``)."""
     cls = type(ev)
-    d: dict[str, Any] = {"t": round(t, 6), "type": _TYPES[cls], "side": ev.side.value}
-    for f in _FIELDS[cls]:
+    d: dict[str, Any] = {"t": round(t, 6), "type": _TYPES[cls]}
+    if full or cls not in _ONE_SIDED:
+        d["side"] = ev.side.value
+    for f in _FIELDS[cls] if full else _WRITTEN[cls]:
         value = getattr(ev, f.name)
         if f.default is not _MISSING and value == f.default:
             continue
@@ -208,11 +224,14 @@ def decode_event(d: Mapping[str, Any]) -> Entry:
     names = {f.name for f in dataclasses.fields(cls)}
     if "raw" in names:
         kwargs["raw"] = raw
-    side = Side(d["side"])
-    if "side" in names:
-        kwargs["side"] = side
-    elif side is not cls.side:
-        raise ValueError(f"a {d['type']} comes from the {cls.side.value}, not the {side.value}")
+    if cls in _DERIVED and _DERIVED[cls][0] not in kwargs:
+        name, derive = _DERIVED[cls]
+        kwargs[name] = derive(raw)
+    if cls in _ONE_SIDED:
+        if "side" in d and Side(d["side"]) is not cls.side:
+            raise ValueError(f"a {d['type']} comes from the {cls.side.value}, not the {d['side']}")
+    else:
+        kwargs["side"] = Side(d["side"])
     _check_types(cls, kwargs)
     return Entry(float(d["t"]), cls(**kwargs))
 

@@ -11,6 +11,7 @@ from .events import (
     Event,
     Anomaly,
     MessageEnd,
+    Note,
     Reply,
     Side,
     TlsEstablished,
@@ -34,7 +35,9 @@ class SessionSummary:
 
     def update(self, events: Iterable[Event]) -> None:
         for ev in events:
-            if ev.side is Side.CLIENT:
+            if isinstance(ev, Note):
+                pass  # bytes the proxy itself sent, not a peer's
+            elif ev.side is Side.CLIENT:
                 self.bytes_from_client += len(ev.raw)
             else:
                 self.bytes_from_server += len(ev.raw)
