@@ -59,6 +59,11 @@ __all__ = [
 MAX_LINE = 64 * 1024
 #: Most bytes held from a client that did not wait for a reply it needed.
 MAX_HOLD = 1024 * 1024
+#: Most commands tracked while waiting for their replies; past it the oldest
+#: is forgotten (a peer that never answers must not grow the observer).
+MAX_PENDING = 1_000_000
+#: Verbs whose pending entry carries state (or is waited on).
+_STATEFUL = frozenset({"AUTH", "DATA", "STARTTLS", "BDAT"})
 #: Most header bytes kept to summarise a message.
 MAX_HEADER = 64 * 1024
 
@@ -310,6 +315,7 @@ class Conversation:
         self._s_discard = False
         self._pending: deque[_Pending] = deque([] if greeted else [_Pending(GREETING)])
         self._waiting_on: _Pending | None = None
+        self._shared: dict[str, _Pending] = {}
         self._message: _Message | None = None
         self._bdat_left = 0
         self._bdat_last = False
@@ -462,7 +468,7 @@ class Conversation:
                     if state is ClientState.AUTH and self._auth_pending is not None:
                         self._wait(self._auth_pending)
                     else:
-                        self._pending.append(_Pending("<line too long>"))
+                        self._expect(self._plain_pending("<line too long>"))
                 elif state is ClientState.COMMAND:
                     self._on_command(raw)
                 else:
@@ -512,7 +518,7 @@ class Conversation:
         verb = verb.upper()
         path = parse_path(arg) if verb in ("MAIL", "RCPT") else None
         auth: AuthDecode | None = None
-        pending = _Pending(verb)
+        pending = _Pending(verb) if verb in _STATEFUL else self._plain_pending(verb)
         if verb == "AUTH":
             mech, _, initial = arg.strip().partition(" ")
             self._sasl = SaslExchange(mech)
@@ -537,14 +543,32 @@ class Conversation:
                     self.client_state = ClientState.BDAT
                 elif self._bdat_last:
                     self._out.append(Command(raw, verb, arg, path, flags, auth))
-                    self._pending.append(pending)
+                    self._expect(pending)
                     self._out.append(self._message.end(complete=True))
                     self._message = None
                     return
         elif verb in ("RSET", "EHLO", "HELO", "MAIL"):
             self._message = None  # a new transaction, or none (RFC 5321 4.1.1.5, RFC 3030)
         self._out.append(Command(raw, verb, arg, path, flags, auth))
+        self._expect(pending)
+
+    def _plain_pending(self, verb: str) -> _Pending:
+        """One shared entry per verb for commands that keep no state while
+        they wait: a long pipeline then costs a pointer per command."""
+        pending = self._shared.get(verb)
+        if pending is None:
+            pending = _Pending(verb)
+            if len(self._shared) < 64:
+                self._shared[verb] = pending
+        return pending
+
+    def _expect(self, pending: _Pending) -> None:
         self._pending.append(pending)
+        if len(self._pending) > MAX_PENDING:
+            self._pending.popleft()
+            self._anomaly(
+                Side.CLIENT, "too_many_unanswered", f"more than {MAX_PENDING} commands without a reply"
+            )
 
     def _wait(self, pending: _Pending) -> None:
         self.client_state = ClientState.WAITING

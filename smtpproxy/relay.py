@@ -311,6 +311,9 @@ class Session:
                     self._client_tls_silent = True
         except (trio.BrokenResourceError, trio.TooSlowError) as exc:
             cause = _tls_reason(exc)
+            sni = contexts.sni_of(stream._ssl_object)
+            if sni:
+                cause += f" (SNI {sni})"
             self._end(
                 "client",
                 f"TLS handshake with the client failed: {cause}"

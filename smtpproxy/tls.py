@@ -14,6 +14,7 @@ import hashlib
 import ipaddress
 import os
 import ssl
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -35,6 +36,7 @@ __all__ = [
 CA_CERT = "smtpproxy-ca.pem"
 CA_KEY = "smtpproxy-ca-key.pem"
 _LEAF_DAYS = 397  # the longest validity browsers and Apple clients accept
+MAX_MINTED = 1000  # leaf contexts kept per proxy; names come from clients
 
 
 class TlsFailure(Exception):
@@ -247,7 +249,8 @@ class ServerContexts:
         self.default_names = list(dict.fromkeys(default_names))
         self.keylog = keylog
         self._by_name: dict[str, ssl.SSLContext] = {}
-        self.snis: dict[int, str] = {}
+        # the name each handshake asked for; gone with its ssl object
+        self.snis: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         if cert_file is not None:
             ctx = self._new()
             try:
@@ -278,17 +281,19 @@ class ServerContexts:
     def _sni(self, sslobj: ssl.SSLObject | ssl.SSLSocket, name: str | None, ctx: ssl.SSLContext) -> None:
         if name is None:
             return
-        self.snis[id(sslobj)] = name
+        self.snis[sslobj] = name
         if self._fixed:
             return
         mctx = self._by_name.get(name)
         if mctx is None:
+            if len(self._by_name) >= MAX_MINTED:
+                self._by_name.clear()  # clients choose the names: keep the cache bounded
             mctx = self._minted([name] + self.default_names)
             self._by_name[name] = mctx
         sslobj.context = mctx
 
     def sni_of(self, sslobj: Any) -> str | None:
-        return self.snis.pop(id(sslobj), None)
+        return self.snis.pop(sslobj, None)
 
 
 def client_context(

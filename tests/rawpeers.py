@@ -30,6 +30,15 @@ class Peer:
         self.mark = 0
         self.eof = False
 
+    @property
+    def port(self) -> int:
+        """The local port: what a recording's header names the client by."""
+        stream = self.stream
+        while isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        assert isinstance(stream, trio.SocketStream)
+        return int(stream.socket.getsockname()[1])
+
     async def _more(self, what: str) -> None:
         try:
             data = await self.stream.receive_some(1 << 20)
@@ -139,6 +148,17 @@ class RawUpstream:
 def proxy_notes(rec: Recording) -> bytes:
     """The bytes the proxy wrote to the client on its own account (its 421s)."""
     return b"".join(e.raw for e in rec.events() if isinstance(e, Note) and e.kind == "proxy_reply")
+
+
+def recordings_by_client(folder: Path) -> dict[int, Recording]:
+    """Each recording in ``folder`` by its client's port (file names sort by
+    start time only to the millisecond, so their order is not the order of
+    connection)."""
+    out = {}
+    for path in folder.glob("*.jsonl"):
+        rec = read_recording(path)
+        out[int(rec.header.client.rpartition(":")[2])] = rec
+    return out
 
 
 def only_recording(folder: Path) -> Recording:

@@ -29,7 +29,14 @@ from conftest import (
     start_proxy,
     wait_for_sessions,
 )
-from rawpeers import Peer, RawUpstream, connect, only_recording, proxy_notes
+from rawpeers import (
+    Peer,
+    RawUpstream,
+    connect,
+    only_recording,
+    proxy_notes,
+    recordings_by_client,
+)
 
 from smtpproxy.events import MessageEnd, Note, Side
 from smtpproxy.protocol import Unstuffer
@@ -231,7 +238,11 @@ async def test_upstream_resets_while_the_client_streams_a_body(tmp_path: Path) -
     rec = only_recording(proxy.recordings)
     assert rec.close is not None
     assert rec.close.by == "server", rec.close.reason
-    assert rec.close.reason.startswith("connection lost: "), rec.close.reason
+    # under load the kernel may report the reset to a read as an end of file
+    reason = rec.close.reason
+    assert reason.startswith("connection lost: ") or reason == "server closed the connection", (
+        reason
+    )
 
 
 async def test_upstream_stalls_before_greeting(tmp_path: Path) -> None:
@@ -287,13 +298,15 @@ async def test_client_drops_mid_data(tmp_path: Path, how: str) -> None:
         assert rec.close.reason.startswith("connection lost")
 
 
-def _closes(paths: list[Path]) -> list[tuple[str, str, int]]:
-    """(by, reason, messages accepted) of each recording, in start order."""
+def _closes(folder: Path, *ports: int) -> list[tuple[str, str, int]]:
+    """(by, reason, messages accepted) of the recordings of these clients."""
+    recs = recordings_by_client(folder)
+    assert sorted(recs) == sorted(ports)
     out = []
-    for path in paths:
-        rec = read_recording(path)
-        assert rec.close is not None, path
-        out.append((rec.close.by, rec.close.reason, rec.close.totals["messages_accepted"]))
+    for port in ports:
+        close = recs[port].close
+        assert close is not None, port
+        out.append((close.by, close.reason, close.totals["messages_accepted"]))
     return out
 
 
@@ -305,6 +318,7 @@ async def test_stalled_client_times_out_while_another_session_completes(tmp_path
         silent = await connect(proxy.host, proxy.port)
         greeting = await silent.reply()
         busy = await connect(proxy.host, proxy.port)
+        silent_port, busy_port = silent.port, busy.port
         await busy.reply()
         await busy.send(b"EHLO busy.example\r\n")
         await busy.reply()
@@ -336,7 +350,7 @@ async def test_stalled_client_times_out_while_another_session_completes(tmp_path
     assert bytes(silent.got) == greeting + b"421 4.4.2 smtpproxy: idle for 0.5s, closing\r\n"
     assert sink.stats.messages == 1
     # the busy client waits for the sink to close after 221, so the server closes first
-    assert _closes(proxy.recording_paths()) == [
+    assert _closes(proxy.recordings, silent_port, busy_port) == [
         ("proxy", "idle for 0.5s", 0),
         ("server", "server closed the connection", 1),
     ]
@@ -364,6 +378,7 @@ async def test_tls_garbage_and_silence_from_clients_on_implicit_tls(tmp_path: Pa
         await garbage.send(b"EHLO not.tls.example\r\n\x00\xff" * 20)
         await garbage.to_eof()
         silent = await connect(proxy.host, proxy.port)
+        ports = good.port, garbage.port, silent.port
         await silent.to_eof(timeout=5)
         await wait_for_sessions(proxy.proxy, 2)  # the good one goes on
         await good.send(b"EHLO good.example\r\n")
@@ -380,7 +395,7 @@ async def test_tls_garbage_and_silence_from_clients_on_implicit_tls(tmp_path: Pa
         await _ended(proxy.proxy, 3)
         nursery.cancel_scope.cancel()
     assert sink.stats.messages == 1
-    good_close, garbage_close, silent_close = _closes(proxy.recording_paths())
+    good_close, garbage_close, silent_close = _closes(proxy.recordings, *ports)
     assert good_close == ("server", "server closed the connection", 1)
     assert garbage_close[:2] == (
         "client",
@@ -471,9 +486,42 @@ async def test_recording_that_cannot_be_written_does_not_stop_the_mail(tmp_path:
         "2 session(s), 2 recording(s)" in finished.stderr
         and "1 recording failure(s)" in finished.stderr
     )
-    first, second = sorted(recordings.glob("*.jsonl"))
-    assert first.stat().st_size == 4096
-    cut = read_recording(first)
-    assert cut.close is None  # a recording without a close line was cut short
-    whole = read_recording(second)
+    # the first session's recording stopped at the limit, without its close
+    # line (a recording cut short); the second one's is whole
+    sizes = sorted(
+        ((p.stat().st_size, read_recording(p)) for p in recordings.glob("*.jsonl")),
+        key=lambda pair: pair[0],
+    )
+    (small, whole), (limit, cut) = sizes
+    assert limit == 4096 and small < 4096
+    assert cut.close is None
     assert whole.close is not None and whole.close.totals["messages_accepted"] == 1
+
+
+async def test_failed_handshakes_leave_no_sni_behind(tmp_path: Path) -> None:
+    ca = CertificateAuthority.load_or_create(tmp_path / "home")
+    contexts = ServerContexts(["localhost", "127.0.0.1"], ca=ca)
+    sink = Sink()
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(sink.serve)
+        proxy = await start_proxy(
+            nursery,
+            tmp_path,
+            address,
+            listen_tls=True,
+            upstream_tls="plain",
+            server_contexts=contexts,
+        )
+        for i in range(3):
+            tcp = await connect(proxy.host, proxy.port)
+            # the system store does not trust the proxy's CA: the client aborts
+            tls = trio.SSLStream(
+                tcp.stream, ssl.create_default_context(), server_hostname=f"n{i}.example"
+            )
+            with pytest.raises(trio.BrokenResourceError):
+                with trio.fail_after(5):
+                    await tls.do_handshake()
+            await trio.aclose_forcefully(tls)
+        await _ended(proxy.proxy, 3)
+        nursery.cancel_scope.cancel()
+    assert contexts.snis == {}

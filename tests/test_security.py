@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 from conftest import SMTPPROXY, SmtpproxyProcess, smtpproxy_env, start_proxy, wait_for_sessions
-from rawpeers import Peer, connect
+from rawpeers import Peer, connect, recordings_by_client
 
 from smtpproxy.events import AuthResponse, Command, Side
 from smtpproxy.recording import read_recording
@@ -91,6 +91,7 @@ class AuthSession:
 
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
+        self.port = peer.port
         self.lines: list[tuple[bytes, bool]] = [(b"EHLO client.example\r\n", False)]
         self.secrets: list[bytes] = []
 
@@ -170,15 +171,15 @@ async def test_redact_keeps_every_secret_out_of_recordings_and_transcript(tmp_pa
         nursery.cancel_scope.cancel()
 
     transcript = proxy.transcript().encode()
-    for how, path in zip(MECHANISMS, proxy.recording_paths()):
-        a = sessions[how]
-        data = path.read_bytes()
+    recordings = recordings_by_client(proxy.recordings)
+    for how, a in sessions.items():
+        rec = recordings[a.port]
+        data = rec.path.read_bytes()
         for secret in a.secrets:
             for where, text in (("recording", data), ("transcript", transcript)):
                 assert secret not in text, f"{how}: {secret!r} in the {where}"
                 assert _b64(secret) not in text, f"{how}: base64 of {secret!r} in the {where}"
         assert USER.encode() in data, how
-        rec = read_recording(path)
         assert rec.raw(C) == b"".join(line for line, secret in a.lines if not secret), how
         redacted = [
             e
