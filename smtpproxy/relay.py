@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import ipaddress
-import math
 import re
 import ssl
 from dataclasses import dataclass, field
@@ -132,6 +131,13 @@ class Session:
         self._upstream_upgraded = False
         self._client_tls_silent = False
         self._last_server_code = 0
+        self._starttls_answered = False
+        self._hello_reply: Reply | None = None
+        self._resume_client = trio.Event()
+        self._activity = trio.current_time()
+        self._idle_hit = False
+        self._done: dict[Side, bool] = {}
+        self._scope = trio.CancelScope()
         self._held_out = bytearray()
         self._last_hello = b""
         self.start = trio.current_time()
@@ -187,8 +193,14 @@ class Session:
         if self.proxy.config.redact:
             events = [redact(e) for e in events]
         for ev in events:
-            if isinstance(ev, Reply):
+            if type(ev) is Reply:
                 self._last_server_code = ev.code
+                if ev.command == "STARTTLS":
+                    self._starttls_answered = True
+                elif ev.command in ("EHLO", "HELO"):
+                    self._hello_reply = ev
+            elif type(ev) is Command and ev.verb in ("EHLO", "HELO"):
+                self._last_hello = ev.raw
         self.summary.update(events)
         rec = self.recorder
         if rec is not None:
@@ -390,122 +402,135 @@ class Session:
 
     async def _relay(self) -> None:
         cfg = self.proxy.config
-        idle = cfg.idle_timeout if cfg.idle_timeout > 0 else math.inf
-        done = {Side.CLIENT: False, Side.SERVER: False}
-        resume_client = trio.Event()
-
+        self._done = {Side.CLIENT: False, Side.SERVER: False}
         async with trio.open_nursery() as nursery:
-            scope = nursery.cancel_scope
-            scope.deadline = trio.current_time() + idle
+            self._scope = nursery.cancel_scope
+            if cfg.idle_timeout > 0:
+                nursery.start_soon(self._watchdog, cfg.idle_timeout)
+            nursery.start_soon(self._pump, Side.CLIENT)
+            nursery.start_soon(self._pump, Side.SERVER)
+        if self._idle_hit and not self.closed_by:
+            self._end("proxy", f"idle for {cfg.idle_timeout:g}s")
+            self.observe([Note(Side.CLIENT, "idle_timeout", self.reason)])
+            await self._reply_to_client(421, f"4.4.2 smtpproxy: idle for {cfg.idle_timeout:g}s, closing", "proxy_reply")
 
-            async def pump(side: Side) -> None:
-                nonlocal resume_client
-                conv = self.conv
-                other = side.other
-                try:
-                    while True:
-                        data = await self.streams[side].receive_some(BUFSIZE)
-                        if not data:
-                            break
-                        scope.deadline = trio.current_time() + idle
-                        if side is Side.CLIENT:
-                            self._client_tls_silent = False
-                        events = conv.feed(side, data)
-                        if side is Side.CLIENT and conv.waiting_for == "STARTTLS":
-                            # never carry bytes pipelined after STARTTLS into TLS
-                            held = conv.held_client_bytes
-                            self.observe(events)
-                            upstream_tls = isinstance(self.streams[other], trio.SSLStream)
-                            client_tls = isinstance(self.streams[side], trio.SSLStream)
-                            if cfg.upstream_tls == "plain" or (upstream_tls and not client_tls):
-                                # the upstream leg is settled: STARTTLS is the client leg's business
-                                if not await self._local_starttls():
-                                    scope.cancel()
-                                    return
-                                continue
-                            await self._send(other, data[: len(data) - held] if held else data)
-                            await resume_client.wait()
-                            resume_client = trio.Event()
-                            if self.closed_by:
-                                scope.cancel()
-                                return
-                            continue
-                        if side is Side.SERVER and any(
-                            isinstance(e, Reply) and e.command == "STARTTLS" for e in events
-                        ):
-                            self.observe(events)
-                            held = conv.held_server_bytes
-                            upto = data[: len(data) - held] if held else data
-                            if conv.server_tls:
-                                ok = await self._starttls(True, upto)
-                                if not ok:
-                                    scope.cancel()
-                            else:
-                                await self._send(other, upto)
-                            resume_client.set()
-                            continue
-                        if side is Side.CLIENT:
-                            for e in events:
-                                if isinstance(e, Command) and e.verb in ("EHLO", "HELO"):
-                                    self._last_hello = e.raw
-                        if (
-                            side is Side.SERVER
-                            and cfg.upstream_tls == "starttls"
-                            and not self._upstream_upgraded
-                        ):
-                            # hold replies until whole, so the EHLO reply can be swapped
-                            self.observe(events)
-                            self._held_out += data
-                            hello = next(
-                                (e for e in events if isinstance(e, Reply) and e.command in ("EHLO", "HELO")),
-                                None,
-                            )
-                            if hello is not None and 200 <= hello.code < 300:
-                                out = bytes(self._held_out)
-                                self._held_out.clear()
-                                if out.endswith(hello.raw):
-                                    out = out[: len(out) - len(hello.raw)]
-                                if out:
-                                    await self._send(other, out)
-                                if not await self._upgrade_upstream_now():
-                                    scope.cancel()
-                                    return
-                            elif conv.partial_reply_bytes == 0 and self._held_out:
-                                out = bytes(self._held_out)
-                                self._held_out.clear()
-                                await self._send(other, out)
-                            continue
-                        if side is Side.SERVER and cfg.strip_starttls and not self.conv.encrypted:
-                            data = self._strip_starttls(data)
-                        self.observe(events)
-                        await self._send(other, data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    # a failed send is the fault of the peer sent to, not the one read
-                    lost = exc.side if isinstance(exc, _SendFailed) else side
-                    self._end(lost.value, f"connection lost: {exc.__cause__ or exc}")
-                    await self._upstream_gone(lost)
-                    scope.cancel()
-                    return
-                done[side] = True
-                if side is Side.CLIENT and conv.in_message:
-                    # never let a half message through: no terminator, no half-close
-                    self._end("client", "client closed mid-message; upstream closed without completing it")
-                    scope.cancel()
-                    return
-                self._end(side.value, f"{side.value} closed the connection")
-                if side is Side.SERVER or (done[Side.CLIENT] and done[Side.SERVER]):
-                    await self._upstream_gone(side)
-                    scope.cancel()
-                    return
-                # the client is done sending: pass the half-close on, and
-                # keep reading the server's last replies
-                try:
-                    await self.streams[other].send_eof()  # type: ignore[attr-defined]
-                except (trio.BrokenResourceError, trio.ClosedResourceError, AttributeError):
-                    scope.cancel()
+    async def _watchdog(self, idle: float) -> None:
+        """End the session after ``idle`` seconds without a byte either way
+        (cheaper than moving a deadline on every read)."""
+        while True:
+            wake = self._activity + idle
+            if trio.current_time() >= wake:
+                self._idle_hit = True
+                self._scope.cancel()
+                return
+            await trio.sleep_until(wake)
 
-            nursery.start_soon(pump, Side.CLIENT)
-            nursery.start_soon(pump, Side.SERVER)
+    def _needs_care(self, side: Side) -> bool:
+        """Whether this read needs more than forwarding: a STARTTLS on its
+        way, or a mode that rewrites or holds what the server says."""
+        if side is Side.CLIENT:
+            return self.conv.waiting_for == "STARTTLS"
+        cfg = self.proxy.config
+        return (
+            self._starttls_answered
+            or (cfg.upstream_tls == "starttls" and not self._upstream_upgraded)
+            or (cfg.strip_starttls and not self.conv.encrypted)
+        )
+
+    async def _pump(self, side: Side) -> None:
+        """Read from one peer, observe, forward to the other, until EOF."""
+        conv = self.conv
+        other = side.other
+        streams = self.streams
+        try:
+            while True:
+                data = await streams[side].receive_some(BUFSIZE)
+                if not data:
+                    break
+                self._activity = trio.current_time()
+                if side is Side.CLIENT:
+                    self._client_tls_silent = False
+                self.observe(conv.feed(side, data))
+                if self._needs_care(side):
+                    if not await self._with_care(side, data):
+                        self._scope.cancel()
+                        return
+                    continue
+                await self._send(other, data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # a failed send is the fault of the peer sent to, not the one read
+            lost = exc.side if isinstance(exc, _SendFailed) else side
+            self._end(lost.value, f"connection lost: {exc.__cause__ or exc}")
+            await self._upstream_gone(lost)
+            self._scope.cancel()
+            return
+        self._done[side] = True
+        if side is Side.CLIENT and conv.in_message:
+            # never let a half message through: no terminator, no half-close
+            self._end("client", "client closed mid-message; upstream closed without completing it")
+            self._scope.cancel()
+            return
+        self._end(side.value, f"{side.value} closed the connection")
+        if side is Side.SERVER or all(self._done.values()):
+            await self._upstream_gone(side)
+            self._scope.cancel()
+            return
+        # the client is done sending: pass the half-close on, and keep
+        # reading the server's last replies
+        try:
+            await streams[other].send_eof()  # type: ignore[attr-defined]
+        except (trio.BrokenResourceError, trio.ClosedResourceError, AttributeError):
+            self._scope.cancel()
+
+    async def _with_care(self, side: Side, data: bytes) -> bool:
+        """The rare reads: STARTTLS on either leg, ``--upstream-tls
+        starttls`` and ``--strip-starttls``. False ends the session."""
+        cfg = self.proxy.config
+        conv = self.conv
+        other = side.other
+        if side is Side.CLIENT:
+            # never carry bytes pipelined after STARTTLS into TLS
+            held = conv.held_client_bytes
+            upstream_tls = isinstance(self.streams[other], trio.SSLStream)
+            client_tls = isinstance(self.streams[side], trio.SSLStream)
+            if cfg.upstream_tls == "plain" or (upstream_tls and not client_tls):
+                # the upstream leg is settled: STARTTLS is the client leg's business
+                return await self._local_starttls()
+            await self._send(other, data[: len(data) - held] if held else data)
+            await self._resume_client.wait()
+            self._resume_client = trio.Event()
+            return not self.closed_by
+        if self._starttls_answered:
+            self._starttls_answered = False
+            held = conv.held_server_bytes
+            upto = data[: len(data) - held] if held else data
+            ok = True
+            if conv.server_tls:
+                ok = await self._starttls(True, upto)
+            else:
+                await self._send(other, upto)
+            self._resume_client.set()
+            return ok
+        if cfg.upstream_tls == "starttls" and not self._upstream_upgraded:
+            # hold replies until whole, so the EHLO reply can be swapped
+            self._held_out += data
+            hello = self._hello_reply
+            if hello is not None and 200 <= hello.code < 300:
+                self._hello_reply = None
+                out = bytes(self._held_out)
+                self._held_out.clear()
+                if out.endswith(hello.raw):
+                    out = out[: len(out) - len(hello.raw)]
+                if out:
+                    await self._send(other, out)
+                return await self._upgrade_upstream_now()
+            if conv.partial_reply_bytes == 0 and self._held_out:
+                out = bytes(self._held_out)
+                self._held_out.clear()
+                await self._send(other, out)
+            return True
+        await self._send(other, self._strip_starttls(data))
+        return True
         if scope.cancelled_caught and not self.closed_by:
             self._end("proxy", f"idle for {cfg.idle_timeout:g}s")
             self.observe([Note(Side.CLIENT, "idle_timeout", self.reason)])
