@@ -184,7 +184,7 @@ def redact(ev: "Event") -> "Event":
     if isinstance(ev, Opaque) and ev.side is Side.CLIENT and ev.reason != "tls":
         return Note(Side.CLIENT, "redacted", f"{len(ev.raw)} octets the observer could not read ({ev.reason}), redacted")
     if isinstance(ev, Command) and ev.auth is None and ev.verb not in _SMTP_VERBS and _looks_like_sasl(ev.raw):
-        return replace(ev, raw=f"{REDACTED}\r\n".encode(), verb=REDACTED, arg="", flags=tuple(ev.flags) + ("redacted",))
+        return replace(ev, raw=f"{REDACTED}\r\n".encode(), verb=REDACTED.upper(), arg="", flags=tuple(ev.flags) + ("redacted",))
     if not isinstance(ev, (Command, AuthResponse)) or ev.auth is None:
         return ev
     unknown = ev.auth.mechanism not in KNOWN_MECHANISMS

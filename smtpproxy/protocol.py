@@ -50,8 +50,11 @@ __all__ = [
     "Unstuffer",
     "parse_path",
     "line_text",
-    "command_arg",
-    "reply_lines",
+    "split_command",
+    "enhanced_code",
+    "command_fields",
+    "auth_response_fields",
+    "reply_fields",
 ]
 
 #: Longest line the observer holds before it gives up on it (RFC 5321 allows
@@ -282,14 +285,34 @@ def line_text(raw: bytes) -> str:
     return _decode_line(raw)[0]
 
 
-def command_arg(raw: bytes) -> str:
-    """What follows the verb on a command line: ``Command.arg``."""
-    return line_text(raw).partition(" ")[2]
+def split_command(text: str) -> tuple[str, str, str | None]:
+    """Verb (upper-cased), argument and, for MAIL and RCPT, the path."""
+    verb, _, arg = text.partition(" ")
+    verb = verb.upper()
+    return verb, arg, parse_path(arg) if verb in ("MAIL", "RCPT") else None
 
 
-def reply_lines(raw: bytes) -> tuple[str, ...]:
-    """The text parts of each line of a reply: ``Reply.lines``."""
-    return tuple(line_text(line)[4:] for line in raw.splitlines(keepends=True))
+def enhanced_code(first_line: str) -> str | None:
+    """The RFC 3463 status code at the start of a reply's text, if any."""
+    m = _ENHANCED.match(first_line)
+    return ".".join(m.groups()) if m else None
+
+
+def command_fields(raw: bytes) -> dict[str, object]:
+    """``Command.verb``, ``arg`` and ``path``, from the command's raw line."""
+    verb, arg, path = split_command(line_text(raw))
+    return {"verb": verb, "arg": arg, "path": path}
+
+
+def auth_response_fields(raw: bytes) -> dict[str, object]:
+    """``AuthResponse.text``, from the raw line."""
+    return {"text": line_text(raw)}
+
+
+def reply_fields(raw: bytes) -> dict[str, object]:
+    """``Reply.code``, ``lines`` and ``enhanced``, from the reply's raw lines."""
+    lines = tuple(line_text(line)[4:] for line in raw.splitlines(keepends=True))
+    return {"code": int(raw[:3]), "lines": lines, "enhanced": enhanced_code(lines[0]) if lines else None}
 
 
 class Conversation:
@@ -514,9 +537,7 @@ class Conversation:
         text, flags = _decode_line(raw)
         if "bare_lf" in flags:
             self._anomaly(Side.CLIENT, "bare_lf", "a command line ended with LF alone, not CRLF")
-        verb, _, arg = text.partition(" ")
-        verb = verb.upper()
-        path = parse_path(arg) if verb in ("MAIL", "RCPT") else None
+        verb, arg, path = split_command(text)
         auth: AuthDecode | None = None
         pending = _Pending(verb) if verb in _STATEFUL else self._plain_pending(verb)
         if verb == "AUTH":
@@ -706,8 +727,7 @@ class Conversation:
         self._reply_lines = []
         self._reply_held = 0
         self._reply_flags = ()
-        m = _ENHANCED.match(lines[0]) if lines else None
-        enhanced = ".".join(m.groups()) if m else None
+        enhanced = enhanced_code(lines[0]) if lines else None
         pending = self._pending[0] if self._pending else None
         verb = pending.verb if pending else None
         after: list[Event] = []

@@ -22,9 +22,9 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from .protocol import command_arg, line_text, reply_lines
+from .protocol import auth_response_fields, command_fields, reply_fields
 from .events import (
     Anomaly,
     AuthDecode,
@@ -79,13 +79,14 @@ _FIELDS: dict[type, list[dataclasses.Field[Any]]] = {
 }
 #: Fields not written because the reader derives them from ``raw``
 #: (keeps recordings small: they are read far less often than written).
-_DERIVED: dict[type, tuple[str, Any]] = {
-    Command: ("arg", command_arg),
-    AuthResponse: ("text", line_text),
-    Reply: ("lines", reply_lines),
+_DERIVE: dict[type, Callable[[bytes], dict[str, object]]] = {
+    Command: command_fields,
+    AuthResponse: auth_response_fields,
+    Reply: reply_fields,
 }
+_DERIVED_NAMES = {Command: {"verb", "arg", "path"}, AuthResponse: {"text"}, Reply: {"code", "lines", "enhanced"}}
 _WRITTEN: dict[type, list[dataclasses.Field[Any]]] = {
-    cls: [f for f in fields if cls not in _DERIVED or f.name != _DERIVED[cls][0]] for cls, fields in _FIELDS.items()
+    cls: [f for f in fields if f.name not in _DERIVED_NAMES.get(cls, ())] for cls, fields in _FIELDS.items()
 }
 #: Types whose side is fixed (a class attribute): it is not written either.
 _ONE_SIDED = {cls for cls in _TYPES if "side" not in {f.name for f in dataclasses.fields(cls)}}
@@ -198,8 +199,11 @@ def encode_event(t: float, ev: Event, full: bool = False) -> dict[str, Any]:
     return d
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def _dumps(obj: Mapping[str, Any]) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(obj)
 
 
 def decode_event(d: Mapping[str, Any]) -> Entry:
@@ -224,9 +228,9 @@ def decode_event(d: Mapping[str, Any]) -> Entry:
     names = {f.name for f in dataclasses.fields(cls)}
     if "raw" in names:
         kwargs["raw"] = raw
-    if cls in _DERIVED and _DERIVED[cls][0] not in kwargs:
-        name, derive = _DERIVED[cls]
-        kwargs[name] = derive(raw)
+    if cls in _DERIVE:
+        for name, value in _DERIVE[cls](raw).items():
+            kwargs.setdefault(name, value)
     if cls in _ONE_SIDED:
         if "side" in d and Side(d["side"]) is not cls.side:
             raise ValueError(f"a {d['type']} comes from the {cls.side.value}, not the {d['side']}")
