@@ -97,9 +97,10 @@ class Run:
 def one_run(hop: str, wl: dict, scratch: Path) -> Run:
     sink_port = free_port()
     sink_user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    counter = open(scratch / f"sink-{sink_port}.out", "w+b")  # a pipe would fill and stall the sink
     sink = subprocess.Popen(
         ["smtp-sink", "-c", *sink_user, f"127.0.0.1:{sink_port}", "4096"],
-        stdout=subprocess.PIPE,
+        stdout=counter,
         stderr=subprocess.DEVNULL,
     )
     hop_proc: subprocess.Popen[bytes] | None = None
@@ -135,7 +136,9 @@ def one_run(hop: str, wl: dict, scratch: Path) -> Run:
         if hop_proc is not None:
             stop(hop_proc)
         stop(sink)
-    out = sink.stdout.read().decode(errors="replace") if sink.stdout else ""
+    counter.seek(0)
+    out = counter.read().decode(errors="replace")
+    counter.close()
     counts = re.findall(r"mesg=(\d+)", out)
     run.delivered = int(counts[-1]) if counts else 0
     if hop == "smtpproxy" and rec_dir.exists():
