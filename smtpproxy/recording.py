@@ -88,9 +88,28 @@ _DERIVED_NAMES = {Command: {"verb", "arg", "path"}, AuthResponse: {"text"}, Repl
 _WRITTEN: dict[type, list[dataclasses.Field[Any]]] = {
     cls: [f for f in fields if f.name not in _DERIVED_NAMES.get(cls, ())] for cls, fields in _FIELDS.items()
 }
+_MISSING = dataclasses.MISSING
+_NO_DEFAULT = object()
+
+
+def _defaults(fields: list[dataclasses.Field[Any]]) -> list[tuple[str, Any]]:
+    """(name, default value) per field, computed once; a field without a
+    default gets a marker equal to nothing."""
+    out = []
+    for f in fields:
+        if f.default is not _MISSING:
+            out.append((f.name, f.default))
+        elif f.default_factory is not _MISSING:
+            out.append((f.name, f.default_factory()))
+        else:
+            out.append((f.name, _NO_DEFAULT))
+    return out
+
+
+_DEFAULTS_ALL = {cls: _defaults(fields) for cls, fields in _FIELDS.items()}
+_DEFAULTS_WRITTEN = {cls: _defaults(fields) for cls, fields in _WRITTEN.items()}
 #: Types whose side is fixed (a class attribute): it is not written either.
 _ONE_SIDED = {cls for cls in _TYPES if "side" not in {f.name for f in dataclasses.fields(cls)}}
-_MISSING = dataclasses.MISSING
 
 
 class RecordingError(Exception):
@@ -183,13 +202,11 @@ def encode_event(t: float, ev: Event, full: bool = False) -> dict[str, Any]:
     d: dict[str, Any] = {"t": round(t, 6), "type": _TYPES[cls]}
     if full or cls not in _ONE_SIDED:
         d["side"] = ev.side.value
-    for f in _FIELDS[cls] if full else _WRITTEN[cls]:
-        value = getattr(ev, f.name)
-        if f.default is not _MISSING and value == f.default:
+    for name, default in _DEFAULTS_ALL[cls] if full else _DEFAULTS_WRITTEN[cls]:
+        value = getattr(ev, name)
+        if value is default or value == default:
             continue
-        if f.default_factory is not _MISSING and value == f.default_factory():
-            continue
-        d[f.name] = _plain(value)
+        d[name] = _plain(value)
     raw = ev.raw
     if raw:
         try:

@@ -226,11 +226,17 @@ class Session:
 
     async def _send(self, side: Side, data: bytes) -> None:
         """Send to ``side``'s peer, over whatever stream it has now."""
-        async with self._locks[side]:
-            try:
-                await self.streams[side].send_all(data)
-            except trio.BrokenResourceError as exc:
-                raise _SendFailed(side) from (exc.__cause__ or exc)
+        lock = self._locks[side]
+        try:
+            lock.acquire_nowait()  # the usual case: no wait, and no extra trip to the scheduler
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            await self.streams[side].send_all(data)
+        except trio.BrokenResourceError as exc:
+            raise _SendFailed(side) from (exc.__cause__ or exc)
+        finally:
+            lock.release()
 
     def _end(self, by: str, reason: str) -> None:
         if not self.closed_by:

@@ -35,30 +35,35 @@ class SessionSummary:
 
     def update(self, events: Iterable[Event]) -> None:
         for ev in events:
-            if isinstance(ev, Note):
-                pass  # bytes the proxy itself sent, not a peer's
-            elif ev.side is Side.CLIENT:
+            kind = type(ev)
+            if kind is Note:
+                continue  # bytes the proxy itself sent, not a peer's
+            if ev.side is Side.CLIENT:
                 self.bytes_from_client += len(ev.raw)
             else:
                 self.bytes_from_server += len(ev.raw)
-            match ev:
-                case Reply(ends_message=True, code=code):
-                    if 200 <= code < 300:
+            if kind is Reply:
+                if ev.ends_message:  # type: ignore[union-attr]
+                    if 200 <= ev.code < 300:  # type: ignore[union-attr]
                         self.messages_accepted += 1
                     else:
                         self.messages_rejected += 1
-                case MessageEnd(complete=False):
+            elif kind is MessageEnd:
+                if not ev.complete:  # type: ignore[union-attr]
                     self.messages_incomplete += 1
-                case AuthResult():
-                    self.auth_mechanism = ev.mechanism
-                    self.auth_user = ev.user
-                    self.auth_success = ev.success
-                case TlsEstablished(side=Side.CLIENT):
+            elif kind is AuthResult:
+                assert isinstance(ev, AuthResult)
+                self.auth_mechanism = ev.mechanism
+                self.auth_user = ev.user
+                self.auth_success = ev.success
+            elif kind is TlsEstablished:
+                assert isinstance(ev, TlsEstablished)
+                if ev.side is Side.CLIENT:
                     self.tls = ev.version
-                case TlsEstablished():
+                else:
                     self.tls = self.tls or ev.version
-                case Anomaly():
-                    self.anomalies += 1
+            elif kind is Anomaly:
+                self.anomalies += 1
 
     def totals(self) -> dict[str, Any]:
         out: dict[str, Any] = {
