@@ -9,4 +9,4 @@ from .protocol import Conversation
 from .recording import Recording, read_recording
 
 __version__ = "0.1.0"
-__all__ = ["Conversation", "Recording", "Side", "read_recording", "__version__"]
+__all__ = ["Conversation", "Recording", "Side", "__version__", "read_recording"]

@@ -16,7 +16,7 @@ from .events import AuthDecode
 if TYPE_CHECKING:
     from .events import Event
 
-__all__ = ["SaslExchange", "b64decode_text", "SECRET_FIELDS", "REDACTED", "redact"]
+__all__ = ["REDACTED", "SECRET_FIELDS", "SaslExchange", "b64decode_text", "redact"]
 
 #: Field names that hold secrets; redaction removes exactly these.
 SECRET_FIELDS = frozenset({"password", "token", "digest"})
@@ -140,11 +140,11 @@ class SaslExchange:
         if mech == "OAUTHBEARER":
             if data in (b"", b"\x01"):
                 return AuthDecode(mech, {})
-            gs2, _, rest = data.partition(b",")
-            authzid, _, rest = rest.partition(b",")
-            fields = _bearer(rest.split(b"\x01"))
-            if authzid.startswith(b"a="):
-                fields["user"] = _text(authzid[2:]).replace("=2C", ",").replace("=3D", "=")
+            _, _, after_gs2 = data.partition(b",")  # the GS2 header (RFC 5801)
+            gs2_authzid, _, kvpairs = after_gs2.partition(b",")
+            fields = _bearer(kvpairs.split(b"\x01"))
+            if gs2_authzid.startswith(b"a="):
+                fields["user"] = _text(gs2_authzid[2:]).replace("=2C", ",").replace("=3D", "=")
                 self.user = fields["user"]
             return AuthDecode(mech, fields)
         return AuthDecode(mech, {"text": _text(data)})
@@ -157,7 +157,7 @@ REDACTED = "<redacted>"
 #: Mechanisms whose payloads this module knows field by field.
 KNOWN_MECHANISMS = frozenset({"PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2", "OAUTHBEARER"})
 _SMTP_VERBS = frozenset(
-    "HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY EXPN HELP AUTH STARTTLS ETRN TURN ATRN".split()
+    ["HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "EXPN", "HELP", "AUTH", "STARTTLS", "ETRN", "TURN", "ATRN"]
 )
 
 
@@ -166,7 +166,7 @@ def _looks_like_sasl(line: bytes) -> bool:
     return len(text) >= 4 and b" " not in text and _b64(text.decode("ascii", "replace")) is not None
 
 
-def redact(ev: "Event") -> "Event":
+def redact(ev: Event) -> Event:
     """The event with passwords, tokens and CRAM-MD5 digests removed, in the
     decoded fields and in the raw bytes alike (the raw line would give the
     secret back by base64-decoding it). User names stay. The event gets the

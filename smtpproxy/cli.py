@@ -7,8 +7,9 @@ import os
 import signal
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import click
 import trio
@@ -17,13 +18,20 @@ from . import __version__
 from .diff import diff_sessions, exchanges, format_unified, tls_facts
 from .events import Side
 from .export import export_recording
-from .recording import Recording, RecordingError, encode_event, ensure_private_dir, iter_recordings, read_recording
-from .replay import ReplayOptions, ReplayResult, format_result, format_table
-from .replay import replay as run_replay
-from .summary import SessionSummary
+from .recording import (
+    Recording,
+    RecordingError,
+    encode_event,
+    ensure_private_dir,
+    iter_recordings,
+    read_recording,
+)
 from .relay import Proxy, ProxyConfig, is_loopback, parse_hostport
 from .render import Transcript
+from .replay import ReplayOptions, ReplayResult, format_result, format_table
+from .replay import replay as run_replay
 from .server import Sink, SinkConfig
+from .summary import SessionSummary
 from .tls import CertificateAuthority, ServerContexts, TlsFailure, client_context, default_home
 
 F = TypeVar("F", bound=Callable[..., Any])

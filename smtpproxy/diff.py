@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
+from .auth import b64decode_text
 from .events import (
     AuthDecode,
     AuthResponse,
@@ -28,20 +30,18 @@ from .events import (
     MessageData,
     MessageEnd,
     Reply,
-    Side,
     TlsEstablished,
 )
-from .auth import b64decode_text
 from .protocol import GREETING
 
 __all__ = [
-    "Exchange",
-    "exchanges",
-    "compare_replies",
-    "normalise_text",
-    "diff_sessions",
     "Difference",
+    "Exchange",
+    "compare_replies",
+    "diff_sessions",
+    "exchanges",
     "format_unified",
+    "normalise_text",
 ]
 
 
@@ -121,13 +121,13 @@ def exchanges(events: Iterable[Event], times: Iterable[float] | None = None) -> 
 # -- comparing replies ---------------------------------------------------------
 
 _MASKS: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"\b(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun),?\s+\d{1,2}\s+\w{3}\s+\d{2,4}\s+[\d:]+(?:\s+[+-]\d{4})?(?:\s+\(\w+\))?", re.I), "<date>"),
+    (re.compile(r"\b(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun),?\s+\d{1,2}\s+\w{3}\s+\d{2,4}\s+[\d:]+(?:\s+[+-]\d{4})?(?:\s+\(\w+\))?", re.IGNORECASE), "<date>"),
     (re.compile(r"\b\d{4}-\d{2}-\d{2}(?:[T ][\d:.]+(?:Z|[+-]\d{2}:?\d{2})?)?"), "<date>"),
     (re.compile(r"\b\d{1,2}:\d{2}(?::\d{2})?(?:\.\d+)?\b"), "<time>"),
-    (re.compile(r"\[?\b(?:\d{1,3}\.){3}\d{1,3}\b\]?|\[?[0-9a-f]*:[0-9a-f:]+:[0-9a-f]*\]?", re.I), "<ip>"),
+    (re.compile(r"\[?\b(?:\d{1,3}\.){3}\d{1,3}\b\]?|\[?[0-9a-f]*:[0-9a-f:]+:[0-9a-f]*\]?", re.IGNORECASE), "<ip>"),
     (re.compile(r"<[^<>\s@]*@[^<>\s]*>"), "<address>"),
     (re.compile(r"\b[^\s@<>]+@[^\s@<>]+\b"), "<address>"),
-    (re.compile(r"\b(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z]{2,}\b", re.I), "<host>"),
+    (re.compile(r"\b(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z]{2,}\b", re.IGNORECASE), "<host>"),
     (re.compile(r"\b(?=[A-Za-z0-9]*\d)[A-Za-z0-9]{6,}\b"), "<id>"),
     (re.compile(r"\d+"), "<n>"),
 ]

@@ -11,8 +11,9 @@ byte stream. Events that are derived rather than read (``MessageEnd``,
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping, Union
+from typing import ClassVar, Union
 
 
 class Side(enum.Enum):
@@ -22,7 +23,7 @@ class Side(enum.Enum):
     SERVER = "server"
 
     @property
-    def other(self) -> "Side":
+    def other(self) -> Side:
         return Side.SERVER if self is Side.CLIENT else Side.CLIENT
 
 

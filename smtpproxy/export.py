@@ -13,7 +13,7 @@ from .events import Reply
 from .protocol import Unstuffer, parse_path
 from .recording import Recording
 
-__all__ = ["ExportedMessage", "messages", "export_recording"]
+__all__ = ["ExportedMessage", "export_recording", "messages"]
 
 
 @dataclass
@@ -72,7 +72,7 @@ def messages(rec: Recording) -> list[ExportedMessage]:
             complete = ex.message.complete if ex.message else False
             out.append(ExportedMessage(content, "DATA", mail_from, list(rcpts), ex.reply, complete))
         elif ex.kind == "command" and ex.verb == "BDAT":
-            line, _, chunk = ex.client.partition(b"\n")
+            _, _, chunk = ex.client.partition(b"\n")
             if bdat is None:
                 bdat = ExportedMessage(b"", "BDAT", mail_from, list(rcpts), None, False)
                 out.append(bdat)

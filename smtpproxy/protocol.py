@@ -22,8 +22,8 @@ from __future__ import annotations
 import enum
 import re
 from collections import deque
+from collections.abc import Iterable
 from email.header import decode_header, make_header
-from typing import Iterable
 
 from .auth import SaslExchange
 from .events import (
@@ -42,19 +42,19 @@ from .events import (
 )
 
 __all__ = [
-    "Conversation",
-    "ClientState",
     "MAX_LINE",
-    "parse_capabilities",
-    "format_reply",
+    "ClientState",
+    "Conversation",
     "Unstuffer",
-    "parse_path",
-    "line_text",
-    "split_command",
-    "enhanced_code",
-    "command_fields",
     "auth_response_fields",
+    "command_fields",
+    "enhanced_code",
+    "format_reply",
+    "line_text",
+    "parse_capabilities",
+    "parse_path",
     "reply_fields",
+    "split_command",
 ]
 
 #: Longest line the observer holds before it gives up on it (RFC 5321 allows
@@ -90,7 +90,7 @@ class ClientState(enum.Enum):
 class _Pending:
     """A command waiting for its reply."""
 
-    __slots__ = ("verb", "data_started", "last")
+    __slots__ = ("data_started", "last", "verb")
 
     def __init__(self, verb: str, last: bool = False) -> None:
         self.verb = verb
@@ -101,7 +101,7 @@ class _Pending:
 class _Message:
     """Size and header accounting for the message being sent."""
 
-    __slots__ = ("via", "wire", "dots", "prev", "head", "head_done")
+    __slots__ = ("dots", "head", "head_done", "prev", "via", "wire")
 
     def __init__(self, via: str) -> None:
         self.via = via
@@ -355,7 +355,7 @@ class Conversation:
 
     # -- public API -------------------------------------------------------
 
-    def feed(self, side: Side, data: bytes) -> list[Event]:
+    def feed(self, side: Side, data: bytes | bytearray) -> list[Event]:
         """Take the next bytes ``side`` sent; return the events they complete."""
         if side is Side.CLIENT:
             if self.client_state is ClientState.TLS and not self._cbuf:

@@ -20,11 +20,11 @@ import datetime as _dt
 import json
 import os
 import secrets
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
-from .protocol import auth_response_fields, command_fields, reply_fields
 from .events import (
     Anomaly,
     AuthDecode,
@@ -41,6 +41,7 @@ from .events import (
     TlsEstablished,
     TlsStart,
 )
+from .protocol import auth_response_fields, command_fields, reply_fields
 
 FORMAT = "smtpproxy-recording"
 VERSION = 1
@@ -48,16 +49,16 @@ VERSION = 1
 __all__ = [
     "FORMAT",
     "VERSION",
-    "Header",
-    "Entry",
     "Close",
+    "Entry",
+    "Header",
+    "Recorder",
     "Recording",
     "RecordingError",
-    "Recorder",
-    "read_recording",
+    "ensure_private_dir",
     "iter_recordings",
     "new_session_id",
-    "ensure_private_dir",
+    "read_recording",
 ]
 
 _TYPES: dict[type, str] = {
@@ -249,8 +250,9 @@ def decode_event(d: Mapping[str, Any]) -> Entry:
         for name, value in _DERIVE[cls](raw).items():
             kwargs.setdefault(name, value)
     if cls in _ONE_SIDED:
-        if "side" in d and Side(d["side"]) is not cls.side:
-            raise ValueError(f"a {d['type']} comes from the {cls.side.value}, not the {d['side']}")
+        fixed: Side = getattr(cls, "side")
+        if "side" in d and Side(d["side"]) is not fixed:
+            raise ValueError(f"a {d['type']} comes from the {fixed.value}, not the {d['side']}")
     else:
         kwargs["side"] = Side(d["side"])
     _check_types(cls, kwargs)
@@ -322,7 +324,7 @@ class Recorder:
     @classmethod
     def create(
         cls, folder: Path, session: str, now: _dt.datetime, clock_start: float, **header: Any
-    ) -> "Recorder":
+    ) -> Recorder:
         """A new recording in ``folder``, named so a listing sorts by start time."""
         stamp = now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"
         path = folder / f"{stamp}-{session}.jsonl"

@@ -13,9 +13,10 @@ import errno
 import ipaddress
 import re
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import trio
 
@@ -27,7 +28,7 @@ from .render import Transcript
 from .summary import SessionSummary
 from .tls import ServerContexts, handshake_facts
 
-__all__ = ["ProxyConfig", "Proxy", "parse_hostport", "is_loopback"]
+__all__ = ["Proxy", "ProxyConfig", "is_loopback", "parse_hostport"]
 
 BUFSIZE = 256 * 1024
 
@@ -36,7 +37,7 @@ def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, in
     """``host:port``, ``[v6]:port`` or (with a default port) ``host``."""
     value = value.strip()
     if value.startswith("["):
-        host, sep, rest = value[1:].partition("]")
+        host, _, rest = value[1:].partition("]")
         port_text = rest[1:] if rest.startswith(":") else ""
     elif value.count(":") == 1:
         host, _, port_text = value.partition(":")
@@ -118,7 +119,7 @@ class _SendFailed(trio.BrokenResourceError):
 class Session:
     """One client connection and its upstream connection."""
 
-    def __init__(self, proxy: "Proxy", client: trio.SocketStream) -> None:
+    def __init__(self, proxy: Proxy, client: trio.SocketStream) -> None:
         self.proxy = proxy
         self.id = new_session_id()
         self.conv = Conversation()
@@ -162,7 +163,7 @@ class Session:
             self.recorder = Recorder.create(
                 cfg.recordings,
                 self.id,
-                _dt.datetime.now(_dt.timezone.utc),
+                _dt.datetime.now(_dt.UTC),
                 self.start,
                 client=self.peer,
                 listen=_fmt_addr(cfg.listen),
@@ -224,7 +225,7 @@ class Session:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
 
-    async def _send(self, side: Side, data: bytes) -> None:
+    async def _send(self, side: Side, data: bytes | bytearray) -> None:
         """Send to ``side``'s peer, over whatever stream it has now."""
         lock = self._locks[side]
         try:
@@ -385,7 +386,7 @@ class Session:
         )
         return True
 
-    async def _starttls(self, upgrade_upstream: bool, reply: bytes) -> bool:
+    async def _starttls(self, upgrade_upstream: bool, reply: bytes | bytearray) -> bool:
         """The client's STARTTLS was agreed: upgrade the upstream first (so a
         failure there can still be told to the client in clear), then pass
         the 220 on and shake hands with the client."""
@@ -488,7 +489,7 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError, AttributeError):
             self._scope.cancel()
 
-    async def _with_care(self, side: Side, data: bytes) -> bool:
+    async def _with_care(self, side: Side, data: bytes | bytearray) -> bool:
         """The rare reads: STARTTLS on either leg, ``--upstream-tls
         starttls`` and ``--strip-starttls``. False ends the session."""
         cfg = self.proxy.config
@@ -537,10 +538,6 @@ class Session:
             return True
         await self._send(other, self._strip_starttls(data))
         return True
-        if scope.cancelled_caught and not self.closed_by:
-            self._end("proxy", f"idle for {cfg.idle_timeout:g}s")
-            self.observe([Note(Side.CLIENT, "idle_timeout", self.reason)])
-            await self._reply_to_client(421, f"4.4.2 smtpproxy: idle for {cfg.idle_timeout:g}s, closing", "proxy_reply")
 
     async def _upstream_gone(self, side: Side) -> None:
         """The upstream went away without saying goodbye: tell the client
@@ -605,7 +602,7 @@ class Session:
         self.observe([e for e in events if not isinstance(e, Reply)])
         return await self._starttls(False, reply)
 
-    def _strip_starttls(self, data: bytes) -> bytes:
+    def _strip_starttls(self, data: bytes | bytearray) -> bytes:
         """``--strip-starttls``: in the EHLO reply the client sees, STARTTLS
         becomes ``XXXXXXXA`` (an unknown keyword of the same length, as
         middleboxes do), so the client believes TLS is not offered. Only

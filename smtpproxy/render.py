@@ -8,7 +8,8 @@ brackets beside the raw line.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, TextIO
+from collections.abc import Iterable, Mapping
+from typing import TextIO
 
 import click
 

@@ -28,7 +28,7 @@ from .protocol import ClientState, Conversation
 from .recording import Recorder, Recording, new_session_id
 from .tls import handshake_facts
 
-__all__ = ["ReplayOptions", "ReplayResult", "Step", "replay", "format_result", "format_table"]
+__all__ = ["ReplayOptions", "ReplayResult", "Step", "format_result", "format_table", "replay"]
 
 
 @dataclass
@@ -161,7 +161,7 @@ class _Replayer:
         host, port = self.opts.target
         self.start = trio.current_time()
         if self.opts.save is not None:
-            now = _dt.datetime.now(_dt.timezone.utc)
+            now = _dt.datetime.now(_dt.UTC)
             self.recorder = Recorder.create(
                 self.opts.save,
                 new_session_id(),

@@ -3,13 +3,14 @@ a recording's close line and a folder listing show."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from .events import (
+    Anomaly,
     AuthResult,
     Event,
-    Anomaly,
     MessageEnd,
     Note,
     Reply,

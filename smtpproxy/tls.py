@@ -15,9 +15,10 @@ import ipaddress
 import os
 import ssl
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -26,11 +27,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
     "CertificateAuthority",
-    "default_home",
     "ServerContexts",
-    "client_context",
-    "describe_certificate",
     "TlsFailure",
+    "client_context",
+    "default_home",
+    "describe_certificate",
 ]
 
 CA_CERT = "smtpproxy-ca.pem"
@@ -49,7 +50,7 @@ def default_home() -> Path:
 
 
 def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -78,7 +79,7 @@ class CertificateAuthority:
         self._leaves: dict[tuple[str, ...], tuple[bytes, bytes]] = {}
 
     @classmethod
-    def load_or_create(cls, home: Path | None = None) -> "CertificateAuthority":
+    def load_or_create(cls, home: Path | None = None) -> CertificateAuthority:
         ca = cls(home or default_home())
         if ca.cert_path.exists() and ca.key_path.exists():
             ca._load()
