@@ -22,7 +22,7 @@ import trio
 
 from .auth import redact
 from .events import Command, Event, Note, Reply, Side, TlsEstablished
-from .protocol import Conversation, format_reply
+from .protocol import MAX_LINE, Conversation, format_reply
 from .recording import Recorder, new_session_id
 from .render import Transcript
 from .summary import SessionSummary
@@ -531,7 +531,8 @@ class Session:
                 if out:
                     await self._send(other, out)
                 return await self._upgrade_upstream_now()
-            if conv.partial_reply_bytes == 0 and self._held_out:
+            if self._held_out and (conv.partial_reply_bytes == 0 or len(self._held_out) > 2 * MAX_LINE):
+                # whole replies go on at once; an endless one is not held without bound
                 out = bytes(self._held_out)
                 self._held_out.clear()
                 await self._send(other, out)
