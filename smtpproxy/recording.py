@@ -196,7 +196,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def encode_event(t: float, ev: Event, full: bool = False) -> dict[str, Any]:
+def encode_event(t: float, ev: Event, full: bool = False, raw: bool = True) -> dict[str, Any]:
     """The JSON object for one event. In the file, fields the reader derives
     are left out; ``full`` puts every field in (for ``show --json``)."""
     cls = type(ev)
@@ -208,13 +208,40 @@ def encode_event(t: float, ev: Event, full: bool = False) -> dict[str, Any]:
         if value is default or value == default:
             continue
         d[name] = _plain(value)
-    raw = ev.raw
-    if raw:
+    data = ev.raw
+    if data and raw:
         try:
-            d["raw"] = raw.decode("utf-8")
+            d["raw"] = data.decode("utf-8")
         except UnicodeDecodeError:
-            d["raw_b64"] = base64.b64encode(raw).decode("ascii")
+            d["raw_b64"] = base64.b64encode(data).decode("ascii")
     return d
+
+
+#: Octets a JSON string must escape besides CR and LF (RFC 8259 section 7).
+_JSON_SPECIAL = bytes([0x22, 0x5C] + [c for c in range(0x20) if c not in (0x0A, 0x0D)])
+
+
+def _fast_raw(data: bytes) -> bytes | None:
+    """``data`` as the inside of a JSON string, for the common case of
+    message text (valid UTF-8 whose only special characters are CR and LF),
+    about three times faster than the json module; None otherwise."""
+    if len(data.translate(None, _JSON_SPECIAL)) != len(data):
+        return None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return data.replace(b"\r", b"\\r").replace(b"\n", b"\\n")
+
+
+def encode_line(t: float, ev: Event) -> bytes:
+    """One line of the file, newline included."""
+    if len(ev.raw) >= 4096:
+        inner = _fast_raw(ev.raw)
+        if inner is not None:
+            head = _dumps(encode_event(t, ev, raw=False)).encode("utf-8")
+            return head[:-1] + b',"raw":"' + inner + b'"}\n'
+    return (_dumps(encode_event(t, ev)) + "\n").encode("utf-8")
 
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
@@ -344,10 +371,12 @@ class Recorder:
         )
 
     def _write_text(self, text: str) -> None:
+        self._write(text.encode("utf-8"))
+
+    def _write(self, data: bytes) -> None:
         if self._fd is None:
             self.dropped += 1
             return
-        data = text.encode("utf-8")
         try:
             while data:
                 n = os.write(self._fd, data)
@@ -368,9 +397,9 @@ class Recorder:
     def write(self, now: float, events: Iterable[Event]) -> None:
         """Append events seen at clock time ``now``."""
         t = now - self._start
-        lines = [_dumps(encode_event(t, ev)) for ev in events]
-        if lines:
-            self._write_text("\n".join(lines) + "\n")
+        data = b"".join([encode_line(t, ev) for ev in events])
+        if data:
+            self._write(data)
 
     def close(self, now: float, by: str, reason: str, totals: Mapping[str, Any]) -> None:
         """Write the close line and close the file."""

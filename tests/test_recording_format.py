@@ -39,3 +39,15 @@ def test_derived_fields_are_not_written_but_read_back() -> None:
     cmd = next(e for e in events if isinstance(e, Command))
     full = encode_event(0.0, cmd, full=True)
     assert full["verb"] == "EHLO" and full["arg"] == "test" and full["side"] == "client"
+
+
+def test_large_text_pieces_take_the_fast_path_and_read_back_the_same() -> None:
+    from smtpproxy.events import MessageData
+    from smtpproxy.recording import encode_line
+
+    body = (b"line of text \xc3\xa9\t\r\n" * 1000) + b".\r\n"
+    for raw in (body, body.replace(b"\t", b"\x01"), body + b'"quoted" \\ slash', b"\xff" * 5000):
+        ev = MessageData(raw, "DATA", True)
+        line = encode_line(0.25, ev)
+        assert line.endswith(b"\n") and line.count(b"\n") == 1
+        assert decode_event(json.loads(line)).event == ev
