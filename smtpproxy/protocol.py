@@ -360,6 +360,13 @@ class Conversation:
         if side is Side.CLIENT:
             if self.client_state is ClientState.TLS and not self._cbuf:
                 self._out.append(Opaque(Side.CLIENT, bytes(data), "tls"))
+            elif self.client_state is ClientState.DATA and not self._cbuf:
+                # the body's fast path: no copy through the line buffer
+                chunk = bytes(data)
+                used = self._on_body(chunk)
+                if used < len(chunk):
+                    self._cbuf += chunk[used:]
+                    self._run_client()
             else:
                 self._cbuf += data
                 self._run_client()
