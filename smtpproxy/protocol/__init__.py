@@ -1,0 +1,43 @@
+"""The SMTP protocol, sans I/O: the one parser of the project.
+
+``Conversation`` (in ``conversation.py``) is the state machine of a session;
+``text.py`` holds the stateless pieces it is built from. Nothing here imports
+trio, ssl or sockets.
+"""
+
+from .conversation import GREETING, MAX_HOLD, MAX_LINE, MAX_PENDING, ClientState, Conversation
+from .text import (
+    Unstuffer,
+    auth_response_fields,
+    command_fields,
+    decode_line,
+    enhanced_code,
+    format_reply,
+    line_text,
+    parse_capabilities,
+    parse_path,
+    reply_fields,
+    split_command,
+    summarise_headers,
+)
+
+__all__ = [
+    "GREETING",
+    "MAX_HOLD",
+    "MAX_LINE",
+    "MAX_PENDING",
+    "ClientState",
+    "Conversation",
+    "Unstuffer",
+    "auth_response_fields",
+    "command_fields",
+    "decode_line",
+    "enhanced_code",
+    "format_reply",
+    "line_text",
+    "parse_capabilities",
+    "parse_path",
+    "reply_fields",
+    "split_command",
+    "summarise_headers",
+]
