@@ -198,14 +198,20 @@ def record(
             f"cannot use recordings folder {recordings}: {exc.strerror or exc}; "
             "choose another with --recordings DIR"
         ) from None
-    mode = stat.S_IMODE(recordings.stat().st_mode)
+    info = recordings.stat()
+    mode = stat.S_IMODE(info.st_mode)
     transcript = _transcript(color, quiet, show_body)
     if mode & 0o077:
-        click.echo(
-            f"warning: {recordings}/ is mode {mode:o}; recordings hold credentials "
-            f"(files are 0600, but consider: chmod 700 {recordings})",
-            err=True,
-        )
+        # a checkout gives the repository's recordings/ 0755: recordings hold credentials
+        if info.st_uid == os.geteuid():
+            os.chmod(recordings, 0o700)
+            click.echo(f"note: {recordings}/ was mode {mode:o}; made it 0700 (recordings hold credentials)", err=True)
+        else:
+            click.echo(
+                f"warning: {recordings}/ is mode {mode:o} and not yours; recordings hold credentials "
+                "(files are 0600 all the same)",
+                err=True,
+            )
     if not is_loopback(listen[0]):
         click.echo(
             f"warning: listening on {listen[0]}, not loopback: anyone who can reach it can relay "

@@ -358,3 +358,32 @@ async def test_soak_five_hundred_concurrent_sessions(tmp_path: Path) -> None:
     assert len(paths) == CLIENTS
     stats = proxy.proxy.stats
     assert (stats.sessions, stats.active, stats.refused) == (CLIENTS, 0, 0)
+
+
+def test_an_existing_open_recordings_folder_is_made_private(tmp_path: Path) -> None:
+    """A checkout gives the repository's recordings/ mode 0755; record makes it 0700."""
+    folder = tmp_path / "recordings"
+    folder.mkdir(mode=0o755)
+    os.chmod(folder, 0o755)
+    proc = subprocess.Popen(
+        [*SMTPPROXY, "record", "--listen", "127.0.0.1:0", "--recordings", str(folder), "--quiet"],
+        cwd=tmp_path,
+        env=smtpproxy_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    child = SmtpproxyProcess(proc)
+    try:
+        child.wait_listening()
+        finished = child.finish()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=15)
+        for pipe in (proc.stdout, proc.stderr):
+            assert pipe is not None
+            pipe.close()
+    assert finished.returncode == 0
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert "made it 0700" in finished.stderr
