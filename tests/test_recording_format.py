@@ -51,3 +51,12 @@ def test_large_text_pieces_take_the_fast_path_and_read_back_the_same() -> None:
         line = encode_line(0.25, ev)
         assert line.endswith(b"\n") and line.count(b"\n") == 1
         assert decode_event(json.loads(line)).event == ev
+
+
+def test_the_quick_lines_are_the_lines_encode_event_gives() -> None:
+    from smtpproxy.recording import _dumps, encode_line
+
+    for script in SCRIPTS.values():
+        for ev in events_of(script):
+            for t in (0.0, 1.5, 123.4567891):
+                assert encode_line(t, ev) == (_dumps(encode_event(t, ev)) + "\n").encode(), ev
