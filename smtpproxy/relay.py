@@ -100,13 +100,6 @@ class ProxyStats:
     recordings: list[Path] = field(default_factory=list)
 
 
-class _SessionEnd(Exception):
-    def __init__(self, by: str, reason: str) -> None:
-        super().__init__(reason)
-        self.by = by
-        self.reason = reason
-
-
 class _SendFailed(trio.BrokenResourceError):
     """Sending to ``side`` failed: that peer is gone, not the one a pump was
     reading from. Its ``__cause__`` is the underlying error."""

@@ -22,7 +22,7 @@ import trio
 from .events import AuthResponse, Command, Event, MessageData, MessageEnd, Opaque, Side
 from .protocol import MAX_LINE, ClientState, Conversation, format_reply
 
-__all__ = ["Sink", "SinkConfig", "serve_sink"]
+__all__ = ["Sink", "SinkConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +405,3 @@ class Sink:
             await trio.aclose_forcefully(tls)
             return None
         return tls
-
-
-async def serve_sink(host: str, port: int, config: SinkConfig | None = None, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
-    await Sink(config).serve(host, port, task_status=task_status)
