@@ -263,7 +263,7 @@ def record(
         ) from None
     stats = proxy.stats
     click.echo(
-        f"smtpproxy: {stats.sessions} session(s), {len(stats.recordings)} recording(s) in {recordings}/"
+        f"smtpproxy: {stats.sessions} session(s), {stats.recordings} recording(s) in {recordings}/"
         + (f", {stats.recorder_failures} recording failure(s)" if stats.recorder_failures else "")
         + (f", {stats.refused} refused (too many sessions)" if stats.refused else ""),
         err=True,

@@ -14,7 +14,7 @@ import ipaddress
 import re
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,7 @@ class ProxyStats:
     ended: int = 0
     refused: int = 0
     recorder_failures: int = 0
-    recordings: list[Path] = field(default_factory=list)
+    recordings: int = 0  # a count, not a list: a proxy may run for months
 
 
 class _SendFailed(trio.BrokenResourceError):
@@ -165,7 +165,7 @@ class Session:
         except OSError as exc:
             self._recorder_failed(exc)
         else:
-            self.proxy.stats.recordings.append(self.recorder.path)
+            self.proxy.stats.recordings += 1
 
     def _recorder_failed(self, exc: OSError) -> None:
         if not self._warned:

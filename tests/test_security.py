@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import gc
 import hmac
 import os
 import re
@@ -19,7 +20,9 @@ from conftest import SMTPPROXY, SmtpproxyProcess, smtpproxy_env, start_proxy, wa
 from rawpeers import Peer, connect, recordings_by_client
 
 from smtpproxy.events import AuthResponse, Command, Side
-from smtpproxy.recording import read_recording
+from smtpproxy.protocol import Conversation
+from smtpproxy.recording import Recorder, read_recording
+from smtpproxy.relay import Session
 from smtpproxy.server import Sink
 
 C, S = Side.CLIENT, Side.SERVER
@@ -358,6 +361,10 @@ async def test_soak_five_hundred_concurrent_sessions(tmp_path: Path) -> None:
     assert len(paths) == CLIENTS
     stats = proxy.proxy.stats
     assert (stats.sessions, stats.active, stats.refused) == (CLIENTS, 0, 0)
+    # memory goes back to idle: nothing of the 500 sessions is kept alive
+    gc.collect()
+    alive = [o for o in gc.get_objects() if isinstance(o, (Session, Conversation, Recorder))]
+    assert alive == []
 
 
 def test_an_existing_open_recordings_folder_is_made_private(tmp_path: Path) -> None:
