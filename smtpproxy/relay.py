@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import ipaddress
+import logging
 import re
 import ssl
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from .summary import SessionSummary
 from .tls import ServerContexts, handshake_facts
 
 __all__ = ["Proxy", "ProxyConfig", "is_loopback", "parse_hostport"]
+
+log = logging.getLogger(__name__)
 
 BUFSIZE = 256 * 1024
 
@@ -698,6 +701,10 @@ class Proxy:
         session = Session(self, stream)
         try:
             await session.run()
+        except Exception:
+            # a bug met by one session must not stop the proxy for the others;
+            # the session's own cleanup has closed its streams and recording
+            log.exception("session %s failed; it was closed, the proxy goes on", session.id)
         finally:
             stats.active -= 1
             stats.ended += 1
