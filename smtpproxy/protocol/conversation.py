@@ -80,6 +80,29 @@ class _Pending:
         self.last = last
 
 
+class _Lines:
+    """Cuts one side's buffer into lines. A line longer than ``MAX_LINE`` is
+    given up on: its bytes come back, flagged too long, as soon as they
+    arrive, so that no chunking holds more than ``MAX_LINE`` of it."""
+
+    __slots__ = ("discard",)
+
+    def __init__(self) -> None:
+        self.discard = False  # inside a line already given up on
+
+    def cut(self, buf: bytearray, pos: int) -> tuple[bytes | None, int, bool, bool]:
+        """(bytes, new position, too long, line ended); bytes None: wait for more."""
+        nl = buf.find(b"\n", pos)
+        if nl < 0:
+            if self.discard or len(buf) - pos > MAX_LINE:
+                self.discard = True
+                return bytes(buf[pos:]), len(buf), True, False
+            return None, pos, False, False
+        too_long = self.discard or nl - pos > MAX_LINE
+        self.discard = False
+        return bytes(buf[pos : nl + 1]), nl + 1, too_long, True
+
+
 class _Message:
     """Size and header accounting for the message being sent."""
 
@@ -137,8 +160,8 @@ class Conversation:
         self.encrypted = False
         self._cbuf = bytearray()
         self._sbuf = bytearray()
-        self._c_discard = False
-        self._s_discard = False
+        self._client_lines = _Lines()
+        self._server_lines = _Lines()
         self._pending: deque[_Pending] = deque([] if greeted else [_Pending(GREETING)])
         self._waiting_on: _Pending | None = None
         self._shared: dict[str, _Pending] = {}
@@ -283,20 +306,13 @@ class Conversation:
         while pos < len(buf):
             state = self.client_state
             if state is ClientState.COMMAND or state is ClientState.AUTH:
-                nl = buf.find(b"\n", pos)
-                if nl < 0:
-                    # the rest of a line already given up on goes out at once
-                    if self._c_discard or len(buf) - pos > MAX_LINE:
-                        self._too_long(Side.CLIENT, bytes(buf[pos:]))
-                        self._c_discard = True
-                        pos = len(buf)
+                raw, pos, too_long, ended = self._client_lines.cut(buf, pos)
+                if raw is None:
                     break
-                raw = bytes(buf[pos : nl + 1])
-                too_long = nl - pos > MAX_LINE
-                pos = nl + 1
-                if self._c_discard or too_long:
-                    self._c_discard = False
+                if too_long:
                     self._too_long(Side.CLIENT, raw)
+                    if not ended:
+                        break
                     # the server answers the line it could not read
                     if state is ClientState.AUTH and self._auth_pending is not None:
                         self._wait(self._auth_pending)
@@ -473,18 +489,10 @@ class Conversation:
                 self._out.append(Opaque(Side.SERVER, bytes(buf[pos:]), "tls"))
                 pos = len(buf)
                 break
-            nl = buf.find(b"\n", pos)
-            if nl < 0:
-                if self._s_discard or len(buf) - pos > MAX_LINE:
-                    self._too_long(Side.SERVER, bytes(buf[pos:]))
-                    self._s_discard = True
-                    pos = len(buf)
+            raw, pos, too_long, _ = self._server_lines.cut(buf, pos)
+            if raw is None:
                 break
-            raw = bytes(buf[pos : nl + 1])
-            too_long = nl - pos > MAX_LINE
-            pos = nl + 1
-            if self._s_discard or too_long:
-                self._s_discard = False
+            if too_long:
                 self._too_long(Side.SERVER, raw)
                 continue
             self._on_reply_line(raw)
