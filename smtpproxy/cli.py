@@ -80,12 +80,14 @@ def main() -> None:
     "--listen",
     default="127.0.0.1:2525",
     show_default=True,
+    metavar="HOST:PORT",
     callback=_hostport(2525),
     help="Address to accept mail clients on.",
 )
 @click.option(
     "--upstream",
     default=None,
+    metavar="HOST:PORT",
     callback=_hostport(25),
     help="The real SMTP server HOST:PORT. Default: an embedded server that accepts everything.",
 )
@@ -299,6 +301,12 @@ async def _run_record(proxy: Proxy, embedded: bool, ca: CertificateAuthority | N
             f"recording to {config.recordings}/ (Ctrl-C to stop)",
             err=True,
         )
+        if ca is not None:
+            click.echo(
+                f"TLS: clients are shown certificates from the local CA {ca.cert_path} "
+                "(trust it for STARTTLS: see 'smtpproxy ca')",
+                err=True,
+            )
         await _wait_for_signal()
         nursery.cancel_scope.cancel()
 
@@ -308,6 +316,7 @@ async def _run_record(proxy: Proxy, embedded: bool, ca: CertificateAuthority | N
     "--listen",
     default="127.0.0.1:2526",
     show_default=True,
+    metavar="HOST:PORT",
     callback=_hostport(2526),
     help="Address to accept SMTP clients on.",
 )
@@ -484,6 +493,7 @@ def session_row(rec: Recording) -> tuple[str, ...]:
     "targets",
     multiple=True,
     required=True,
+    metavar="HOST:PORT",
     callback=lambda c, p, v: tuple(_hostport(25)(c, p, x) for x in v),
     help="Target server HOST:PORT; repeat to replay against several at once.",
 )
