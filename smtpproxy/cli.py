@@ -26,7 +26,8 @@ from .recording import (
     iter_recordings,
     read_recording,
 )
-from .relay import Proxy, ProxyConfig, is_loopback, parse_hostport
+from .net import is_loopback, parse_hostport
+from .relay import Proxy, ProxyConfig
 from .render import Transcript
 from .replay import ReplayOptions, ReplayResult, format_result, format_table
 from .replay import replay as run_replay

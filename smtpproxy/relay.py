@@ -9,66 +9,29 @@ thinks can stop or alter the flow: its events only describe it.
 from __future__ import annotations
 
 import datetime as _dt
-import errno
-import ipaddress
 import logging
 import re
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from .auth import redact
 from .events import Command, Event, Note, Reply, Side, TlsEstablished
+from .net import connect_reason, format_address, is_ip, tls_reason
 from .protocol import MAX_LINE, Conversation, format_reply
 from .recording import Recorder, new_session_id
 from .render import Transcript
 from .summary import SessionSummary
 from .tls import ServerContexts, handshake_facts
 
-__all__ = ["Proxy", "ProxyConfig", "is_loopback", "parse_hostport"]
+__all__ = ["Proxy", "ProxyConfig"]
 
 log = logging.getLogger(__name__)
 
 BUFSIZE = 256 * 1024
-
-
-def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:
-    """``host:port``, ``[v6]:port`` or (with a default port) ``host``."""
-    value = value.strip()
-    if value.startswith("["):
-        host, _, rest = value[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-    elif value.count(":") == 1:
-        host, _, port_text = value.partition(":")
-    else:
-        host, port_text = value, ""
-    if not port_text:
-        if default_port is None:
-            raise ValueError(f"{value!r} has no port; write HOST:PORT")
-        return host or "127.0.0.1", default_port
-    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"{value!r}: port must be a number from 0 to 65535")
-    return host or "127.0.0.1", int(port_text)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _fmt_addr(addr: Any) -> str:
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host, port = addr[0], addr[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(addr)
 
 
 @dataclass
@@ -143,7 +106,7 @@ class Session:
         self.closed_by = ""
         self.reason = ""
         try:
-            self.peer = _fmt_addr(client.socket.getpeername())
+            self.peer = format_address(client.socket.getpeername())
         except OSError:
             self.peer = "?"
 
@@ -162,8 +125,8 @@ class Session:
                 _dt.datetime.now(_dt.UTC),
                 self.start,
                 client=self.peer,
-                listen=_fmt_addr(cfg.listen),
-                upstream=cfg.upstream_label or _fmt_addr(cfg.upstream),
+                listen=format_address(cfg.listen),
+                upstream=cfg.upstream_label or format_address(cfg.upstream),
             )
         except OSError as exc:
             self._recorder_failed(exc)
@@ -300,8 +263,8 @@ class Session:
         except trio.TooSlowError:
             reason = f"no answer within {cfg.connect_timeout:g}s"
         except OSError as exc:
-            reason = _connect_reason(exc)
-        label = cfg.upstream_label or _fmt_addr(cfg.upstream)
+            reason = connect_reason(exc)
+        label = cfg.upstream_label or format_address(cfg.upstream)
         self._end("proxy", f"upstream {label} unreachable: {reason}")
         self.observe([Note(Side.SERVER, "upstream_error", self.reason)])
         await self._reply_to_client(421, f"4.4.0 smtpproxy: upstream {label} unreachable: {reason}", "proxy_reply")
@@ -325,7 +288,7 @@ class Session:
                     self.streams[Side.CLIENT] = stream
                     self._client_tls_silent = True
         except (trio.BrokenResourceError, trio.TooSlowError) as exc:
-            cause = _tls_reason(exc)
+            cause = tls_reason(exc)
             sni = contexts.sni_of(stream._ssl_object)
             if sni:
                 cause += f" (SNI {sni})"
@@ -363,7 +326,7 @@ class Session:
             return False
         sni = cfg.upstream_sni or cfg.upstream[0]
         stream = trio.SSLStream(
-            self.streams[Side.SERVER], ctx, server_hostname=sni if not _is_ip(sni) or ctx.check_hostname else None
+            self.streams[Side.SERVER], ctx, server_hostname=sni if not is_ip(sni) or ctx.check_hostname else None
         )
         try:
             with trio.fail_after(cfg.handshake_timeout):
@@ -371,7 +334,7 @@ class Session:
                     await stream.do_handshake()
                     self.streams[Side.SERVER] = stream
         except (trio.BrokenResourceError, trio.TooSlowError) as exc:
-            self._end("proxy", f"TLS handshake with the upstream failed: {_tls_reason(exc)}")
+            self._end("proxy", f"TLS handshake with the upstream failed: {tls_reason(exc)}")
             self.observe([Note(Side.SERVER, "tls_error", self.reason)])
             await trio.aclose_forcefully(stream)
             return False
@@ -580,7 +543,7 @@ class Session:
                 return False
             again = await self._exchange(self._last_hello or b"EHLO smtpproxy\r\n")
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self._end("proxy", f"upstream STARTTLS failed: {_tls_reason(exc)}")
+            self._end("proxy", f"upstream STARTTLS failed: {tls_reason(exc)}")
             await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", "proxy_reply")
             return False
         if again is None:
@@ -615,41 +578,6 @@ class Session:
 
 
 _STARTTLS_LINE = re.compile(rb"(?mi)^(250[ -])STARTTLS(?=[ \t]*\r?\n)")
-
-
-def _connect_reason(exc: OSError) -> str:
-    """Why a connect failed, in words: trio wraps the per-address errors."""
-    causes: list[BaseException] = [exc]
-    cause = exc.__cause__
-    if isinstance(cause, BaseExceptionGroup):
-        causes = list(cause.exceptions) + causes
-    elif cause is not None:
-        causes.insert(0, cause)
-    for c in causes:
-        if isinstance(c, OSError) and c.errno == errno.ECONNREFUSED:
-            return "connection refused"
-        if isinstance(c, OSError) and c.strerror:
-            return c.strerror
-    return str(exc)
-
-
-def _tls_reason(exc: BaseException) -> str:
-    if isinstance(exc, trio.TooSlowError):
-        return "timed out"
-    cause = exc.__cause__ or exc.__context__ or exc
-    if isinstance(cause, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {cause.verify_message}"
-    if isinstance(cause, ssl.SSLError):
-        return cause.reason or str(cause)
-    return str(cause) or type(cause).__name__
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
 
 
 class Proxy:

@@ -14,7 +14,6 @@ import base64
 import datetime as _dt
 import hashlib
 import hmac
-import ssl
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,8 @@ from .diff import Exchange, compare_replies, exchanges
 from .events import Command, Event, MessageEnd, Reply, Side, TlsEstablished
 from .protocol import ClientState, Conversation
 from .recording import Recorder, Recording, new_session_id
-from .tls import handshake_facts
+from .net import connect_reason, format_address, tls_reason
+from .tls import client_context, handshake_facts
 
 __all__ = ["ReplayOptions", "ReplayResult", "Step", "format_result", "format_table", "replay"]
 
@@ -46,8 +46,7 @@ class ReplayOptions:
 
     @property
     def label(self) -> str:
-        host, port = self.target
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_address(self.target)
 
 
 @dataclass
@@ -133,23 +132,15 @@ class _Replayer:
             return self.replies.popleft()
         raise _Stop(f"no reply within {self.opts.timeout:g}s (--timeout)")
 
-    def _tls_context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.opts.cafile) if self.opts.cafile else None)
-        if self.opts.insecure:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
-
     async def _handshake(self) -> None:
         assert self.stream is not None
         host = self.opts.target[0]
-        stream = trio.SSLStream(self.stream, self._tls_context(), server_hostname=host)
+        stream = trio.SSLStream(self.stream, client_context(self.opts.cafile, self.opts.insecure), server_hostname=host)
         try:
             with trio.fail_after(self.opts.timeout):
                 await stream.do_handshake()
         except (trio.BrokenResourceError, trio.TooSlowError) as exc:
-            cause = exc.__cause__ or exc
-            raise _Stop(f"TLS handshake with the target failed: {cause}") from None
+            raise _Stop(f"TLS handshake with the target failed: {tls_reason(exc)}") from None
         self.stream = stream
         facts = handshake_facts(stream._ssl_object)
         self._observe([TlsEstablished(Side.SERVER, facts.version, facts.cipher, sni=host, peer=facts.peer)])
@@ -177,7 +168,7 @@ class _Replayer:
             with trio.fail_after(self.opts.connect_timeout):
                 self.stream = await trio.open_tcp_stream(host, port)
         except (OSError, trio.TooSlowError) as exc:
-            self.result.error = f"cannot connect to {self.opts.label}: {_why(exc)}"
+            self.result.error = f"cannot connect to {self.opts.label}: {connect_reason(exc)}"
             if self.recorder is not None:
                 self.recorder.close(trio.current_time(), "proxy", self.result.error, {})
             return self.result
@@ -392,16 +383,6 @@ def upstream_tls_of(rec: Recording) -> str:
 
 def _redacted(ex: Exchange) -> bool:
     return bool(ex.auth and REDACTED in ex.auth.fields.values())
-
-
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, trio.TooSlowError):
-        return "timed out"
-    cause = exc.__cause__
-    if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
-        first = cause.exceptions[0]
-        return getattr(first, "strerror", None) or str(first)
-    return getattr(exc, "strerror", None) or str(exc)
 
 
 async def replay(recording: Recording, opts: ReplayOptions) -> ReplayResult:

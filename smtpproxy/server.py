@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .events import AuthResponse, Command, Event, MessageData, MessageEnd, Opaque, Side
+from .events import AuthDecode, AuthResponse, Command, Event, MessageData, MessageEnd, Opaque, Side
 from .protocol import MAX_LINE, ClientState, Conversation, format_reply
 
 __all__ = ["Sink", "SinkConfig"]
@@ -130,7 +130,7 @@ class _Sink:
                 if len(ev.raw) > MAX_LINE:
                     self.auth_mech = None
                     return self._reply(500, "5.5.6 authentication exchange line is too long")
-                return self._auth_step(ev.text)
+                return self._auth_step(ev.text, ev.auth)
             case MessageData(via="BDAT") if self.bdat_cmd is not None:
                 self.chunk_octets += len(ev.raw)
                 self.chunk_seen = ev.last
@@ -221,7 +221,7 @@ class _Sink:
             case "HELP":
                 return self._reply(214, "2.0.0 see RFC 5321")
             case "AUTH":
-                return self._auth_start(arg)
+                return self._auth_start(arg, cmd.auth)
             case "STARTTLS":
                 if self.conv.encrypted:
                     return self._reply(503, "5.5.1 TLS already active")
@@ -247,7 +247,7 @@ class _Sink:
         self.auth_mech = None
         self._reset()
 
-    def _auth_start(self, arg: str) -> bytes:
+    def _auth_start(self, arg: str, initial_decode: AuthDecode | None) -> bytes:
         if self.helo is None:
             return self._reply(503, "5.5.1 say EHLO first")
         if self.authed is not None:
@@ -265,30 +265,28 @@ class _Sink:
         initial = initial.strip()
         if mech == "PLAIN":
             if initial:
-                return self._auth_step(initial)
+                return self._auth_step(initial, initial_decode)
             return self._reply(334, "")
         if mech == "LOGIN":
             if initial:
-                return self._auth_step(initial)
+                return self._auth_step(initial, initial_decode)
             return self._reply(334, "VXNlcm5hbWU6")
         challenge = f"<{secrets.randbelow(10**10)}.{secrets.token_hex(4)}@{self.config.hostname}>"
         return self._reply(334, base64.b64encode(challenge.encode()).decode())
 
-    def _auth_step(self, text: str) -> bytes:
-        text = text.strip()
-        if text == "*":
+    def _auth_step(self, text: str, decoded: AuthDecode | None) -> bytes:
+        """One SASL answer, as the Conversation decoded it (auth.py)."""
+        if text.strip() == "*":
             self.auth_mech = None
             return self._reply(501, "5.7.0 authentication cancelled")
-        try:
-            decoded = base64.b64decode(text, validate=True) if text != "=" else b""
-        except ValueError:
+        if decoded is None or decoded.error == "not valid base64":
             self.auth_mech = None
             return self._reply(501, "5.5.2 cannot decode base64")
         mech = self.auth_mech
         if mech == "LOGIN" and self.auth_step == 0:
             self.auth_step = 1  # that was the user name; now the password
             return self._reply(334, "UGFzc3dvcmQ6")
-        if mech == "PLAIN" and decoded.count(b"\x00") != 2:
+        if mech == "PLAIN" and decoded.error:
             self.auth_mech = None
             return self._reply(501, "5.5.2 PLAIN wants authzid NUL user NUL password")
         self.authed = mech

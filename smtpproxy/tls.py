@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .net import is_ip
+
 __all__ = [
     "CertificateAuthority",
     "ServerContexts",
@@ -175,7 +177,7 @@ class CertificateAuthority:
                 sans.append(x509.IPAddress(ipaddress.ip_address(n)))
             except ValueError:
                 sans.append(x509.DNSName(n))
-        common = next((n for n in key_names if not _is_ip(n)), key_names[0] if key_names else "localhost")
+        common = next((n for n in key_names if not is_ip(n)), key_names[0] if key_names else "localhost")
         now = _now()
         cert = (
             x509.CertificateBuilder()
@@ -199,14 +201,6 @@ class CertificateAuthority:
         )
         self._leaves[key_names] = (chain, key_pem)
         return chain, key_pem
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-        return True
-    except ValueError:
-        return False
 
 
 def _colon_hex(data: bytes) -> str:
