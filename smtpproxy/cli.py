@@ -15,7 +15,7 @@ import click
 import trio
 
 from . import __version__
-from .diff import diff_sessions, exchanges, format_unified, tls_facts
+from .diff import diff_sessions, exchanges_of, format_unified, tls_facts
 from .events import Side
 from .export import export_recording
 from .recording import (
@@ -29,10 +29,9 @@ from .recording import (
 from .net import is_loopback, parse_hostport
 from .relay import Proxy, ProxyConfig
 from .render import Transcript
-from .replay import ReplayOptions, ReplayResult, format_result, format_table
-from .replay import replay as run_replay
+from .replay import ReplayOptions, format_result, format_table, replay_all
 from .server import Sink, SinkConfig
-from .summary import SessionSummary
+from .summary import SessionSummary, session_row
 from .tls import CertificateAuthority, ServerContexts, TlsFailure, client_context, default_home
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -465,28 +464,6 @@ def show(
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
-def session_row(rec: Recording) -> tuple[str, ...]:
-    summary = SessionSummary()
-    summary.update(rec.events())
-    auth = "-"
-    if summary.auth_mechanism:
-        auth = f"{summary.auth_mechanism} {summary.auth_user or '?'} {'ok' if summary.auth_success else 'failed'}"
-    ended = f"{rec.close.by}: {rec.close.reason}" if rec.close else "(cut short)"
-    seconds = f"{rec.close.t:.2f}" if rec.close else (f"{rec.entries[-1].t:.2f}" if rec.entries else "0")
-    return (
-        rec.header.start,
-        rec.header.session,
-        rec.header.client,
-        rec.header.upstream,
-        summary.tls or "-",
-        auth,
-        str(summary.messages_accepted),
-        str(summary.messages_rejected),
-        ended[:60],
-        seconds,
-    )
-
-
 @main.command()
 @click.argument("recording_path", metavar="RECORDING", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
@@ -538,20 +515,8 @@ def replay(
         )
         for t in targets
     ]
-    results: list[ReplayResult] = []
-
-    async def run() -> None:
-        async def one(opts: ReplayOptions, slot: int) -> None:
-            results[slot] = await run_replay(rec, opts)
-
-        results.extend(ReplayResult(o.label) for o in options)
-        async with trio.open_nursery() as nursery:
-            for k, opts in enumerate(options):
-                nursery.start_soon(one, opts, k)
-
-    trio.run(run)
-    recorded = exchanges(rec.events(), [e.t for e in rec.entries])
-    lines = format_result(results[0]) if len(results) == 1 else format_table(results, recorded)
+    results = trio.run(replay_all, rec, options)
+    lines = format_result(results[0]) if len(results) == 1 else format_table(results, exchanges_of(rec))
     for line in lines:
         click.echo(line)
     if any(r.error for r in results):
@@ -572,9 +537,7 @@ def diff(a: Path, b: Path, strict: bool, as_json: bool) -> None:
     """Compare two recordings exchange by exchange. Exit 0 when they match,
     1 when they differ, 2 when one cannot be read."""
     ra, rb = _read(a), _read(b)
-    ea = exchanges(ra.events(), [e.t for e in ra.entries])
-    eb = exchanges(rb.events(), [e.t for e in rb.entries])
-    count, diffs = diff_sessions(ea, eb, strict)
+    count, diffs = diff_sessions(exchanges_of(ra), exchanges_of(rb), strict)
     tls_a, tls_b = tls_facts(ra.events()), tls_facts(rb.events())
     if as_json:
         click.echo(

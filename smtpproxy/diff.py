@@ -19,7 +19,7 @@ import difflib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .auth import b64decode_text
 from .events import (
@@ -34,12 +34,16 @@ from .events import (
 )
 from .protocol import GREETING
 
+if TYPE_CHECKING:
+    from .recording import Recording
+
 __all__ = [
     "Difference",
     "Exchange",
     "compare_replies",
     "diff_sessions",
     "exchanges",
+    "exchanges_of",
     "format_unified",
     "normalise_text",
 ]
@@ -116,6 +120,12 @@ def exchanges(events: Iterable[Event], times: Iterable[float] | None = None) -> 
                 if unanswered:
                     unanswered.pop(0).reply = ev
     return out
+
+
+def exchanges_of(recording: Recording) -> list[Exchange]:
+    """A recording's exchanges; steps written at the same moment share a
+    group (the client sent them in one write: a PIPELINING group)."""
+    return exchanges(recording.events(), [e.t for e in recording.entries])
 
 
 # -- comparing replies ---------------------------------------------------------

@@ -21,14 +21,14 @@ from pathlib import Path
 import trio
 
 from .auth import REDACTED
-from .diff import Exchange, compare_replies, exchanges
+from .diff import Exchange, compare_replies, exchanges_of
 from .events import Command, Event, MessageEnd, Reply, Side, TlsEstablished
 from .protocol import ClientState, Conversation
 from .recording import Recorder, Recording, new_session_id
 from .net import connect_reason, format_address, tls_reason
 from .tls import client_context, handshake_facts
 
-__all__ = ["ReplayOptions", "ReplayResult", "Step", "format_result", "format_table", "replay"]
+__all__ = ["ReplayOptions", "ReplayResult", "Step", "format_result", "format_table", "replay", "replay_all"]
 
 
 @dataclass
@@ -148,7 +148,7 @@ class _Replayer:
     # -- the replay -------------------------------------------------------
 
     async def run(self) -> ReplayResult:
-        exs = exchanges(self.rec.events(), [e.t for e in self.rec.entries])
+        exs = exchanges_of(self.rec)
         host, port = self.opts.target
         self.start = trio.current_time()
         if self.opts.save is not None:
@@ -388,6 +388,21 @@ def _redacted(ex: Exchange) -> bool:
 async def replay(recording: Recording, opts: ReplayOptions) -> ReplayResult:
     """Replay one recording against one target."""
     return await _Replayer(recording, opts).run()
+
+
+async def replay_all(recording: Recording, options: list[ReplayOptions]) -> list[ReplayResult]:
+    """Replay one recording against several targets at the same time; the
+    results come back in the order of ``options``."""
+    results = [ReplayResult(o.label) for o in options]
+
+    async def one(slot: int, opts: ReplayOptions) -> None:
+        results[slot] = await replay(recording, opts)
+
+    async with trio.open_nursery() as nursery:
+        for slot, opts in enumerate(options):
+            nursery.start_soon(one, slot, opts)
+    return results
+
 
 
 # -- output -------------------------------------------------------------------

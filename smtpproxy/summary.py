@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .events import (
     Anomaly,
@@ -18,7 +18,10 @@ from .events import (
     TlsEstablished,
 )
 
-__all__ = ["SessionSummary"]
+if TYPE_CHECKING:
+    from .recording import Recording
+
+__all__ = ["SessionSummary", "session_row"]
 
 
 @dataclass
@@ -101,3 +104,27 @@ class SessionSummary:
         if self.tls:
             parts.append(self.tls)
         return ", ".join(parts)
+
+
+def session_row(rec: Recording) -> tuple[str, ...]:
+    """One row of ``smtpproxy show FOLDER``: start, session, client, upstream,
+    TLS, AUTH, accepted, rejected, how it ended, seconds."""
+    summary = SessionSummary()
+    summary.update(rec.events())
+    auth = "-"
+    if summary.auth_mechanism:
+        auth = f"{summary.auth_mechanism} {summary.auth_user or '?'} {'ok' if summary.auth_success else 'failed'}"
+    ended = f"{rec.close.by}: {rec.close.reason}" if rec.close else "(cut short)"
+    seconds = f"{rec.close.t:.2f}" if rec.close else (f"{rec.entries[-1].t:.2f}" if rec.entries else "0")
+    return (
+        rec.header.start,
+        rec.header.session,
+        rec.header.client,
+        rec.header.upstream,
+        summary.tls or "-",
+        auth,
+        str(summary.messages_accepted),
+        str(summary.messages_rejected),
+        ended[:60],
+        seconds,
+    )
