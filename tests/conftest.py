@@ -260,8 +260,15 @@ class SmtpproxyProcess:
 
 
 @contextlib.contextmanager
-def smtpproxy_process(*args: str, cwd: Path, startup_timeout: float = 15) -> Iterator[SmtpproxyProcess]:
-    """Start ``python -m smtpproxy ARGS`` and wait until it listens.
+def smtpproxy_process(
+    *args: str,
+    cwd: Path,
+    startup_timeout: float = 15,
+    preexec_fn: Any = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[SmtpproxyProcess]:
+    """Start ``python -m smtpproxy ARGS`` and wait until it listens
+    (``preexec_fn`` runs in the child first: a umask, a resource limit).
 
     On the way out the child is killed if the test left it running, and its
     pipes are closed.
@@ -269,10 +276,11 @@ def smtpproxy_process(*args: str, cwd: Path, startup_timeout: float = 15) -> Ite
     proc = subprocess.Popen(
         [*SMTPPROXY, *args],
         cwd=cwd,
-        env=smtpproxy_env(cwd),
+        env={**smtpproxy_env(cwd), **(env or {})},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=preexec_fn,
     )
     try:
         child = SmtpproxyProcess(proc)

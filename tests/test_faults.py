@@ -15,17 +15,14 @@ import resource
 import signal
 import socket
 import ssl
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 from conftest import (
-    SMTPPROXY,
-    SmtpproxyProcess,
     free_port,
-    smtpproxy_env,
+    smtpproxy_process,
     start_proxy,
     wait_for_sessions,
 )
@@ -440,40 +437,18 @@ async def test_recording_that_cannot_be_written_does_not_stop_the_mail(tmp_path:
     big = b"Subject: big\r\n\r\n" + b"0123456789" * 300 + b"\r\n"
     async with trio.open_nursery() as nursery:
         host, port = await nursery.start(sink.serve)
-        proc = subprocess.Popen(
-            [
-                *SMTPPROXY,
-                "record",
-                "--listen",
-                "127.0.0.1:0",
-                "--upstream",
-                f"{host}:{port}",
-                "--recordings",
-                str(recordings),
-                "--no-color",
-            ],
+        with smtpproxy_process(
+            "record", "--listen", "127.0.0.1:0", "--upstream", f"{host}:{port}",
+            "--recordings", str(recordings), "--no-color",
             cwd=tmp_path,
-            env={**smtpproxy_env(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            env={"PYTHONDONTWRITEBYTECODE": "1"},
             preexec_fn=_limit_file_size,
-        )
-        child = SmtpproxyProcess(proc)
-        try:
-            await trio.to_thread.run_sync(child.wait_listening)
+        ) as child:
             await _one_session(child.host, child.port, [big, big, big])
             await _one_session(child.host, child.port, [b"Subject: small\r\n\r\nhi\r\n"])
             # the second session's summary line: both have ended
             await trio.to_thread.run_sync(child.wait_stdout, "1 accepted", 10)
             finished = await trio.to_thread.run_sync(child.finish)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=15)
-            for pipe in (proc.stdout, proc.stderr):
-                assert pipe is not None
-                pipe.close()
         nursery.cancel_scope.cancel()
     assert finished.returncode == 0, finished.stderr
     assert sink.stats.messages == 4

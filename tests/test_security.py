@@ -11,12 +11,11 @@ import os
 import re
 import resource
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
 import trio
-from conftest import SMTPPROXY, SmtpproxyProcess, smtpproxy_env, start_proxy, wait_for_sessions
+from conftest import smtpproxy_process, start_proxy, wait_for_sessions
 from rawpeers import Peer, connect, recordings_by_client
 
 from smtpproxy.events import AuthResponse, Command, Side
@@ -248,31 +247,17 @@ def _umask_zero() -> None:
 async def test_recordings_are_private_even_with_umask_zero(tmp_path: Path) -> None:
     """The proxy creates the folder (and its parents) itself: 0700, files 0600."""
     folder = tmp_path / "new" / "deeper" / "recordings"
-    proc = subprocess.Popen(
-        [*SMTPPROXY, "record", "--listen", "127.0.0.1:0", "--recordings", str(folder), "--quiet"],
+    with smtpproxy_process(
+        "record", "--listen", "127.0.0.1:0", "--recordings", str(folder), "--quiet",
         cwd=tmp_path,
-        env=smtpproxy_env(tmp_path),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
         preexec_fn=_umask_zero,
-    )
-    child = SmtpproxyProcess(proc)
-    try:
-        await trio.to_thread.run_sync(child.wait_listening)
+    ) as child:
         peer = await connect(child.host, child.port)
         await _open(peer)
         await _message(peer)
         await _quit(peer)
         await trio.to_thread.run_sync(child.wait_stdout, "closed by", 10)
         finished = await trio.to_thread.run_sync(child.finish)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=15)
-        for pipe in (proc.stdout, proc.stderr):
-            assert pipe is not None
-            pipe.close()
     assert finished.returncode == 0, finished.stderr
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     (path,) = folder.glob("*.jsonl")
@@ -372,25 +357,10 @@ def test_an_existing_open_recordings_folder_is_made_private(tmp_path: Path) -> N
     folder = tmp_path / "recordings"
     folder.mkdir(mode=0o755)
     os.chmod(folder, 0o755)
-    proc = subprocess.Popen(
-        [*SMTPPROXY, "record", "--listen", "127.0.0.1:0", "--recordings", str(folder), "--quiet"],
-        cwd=tmp_path,
-        env=smtpproxy_env(tmp_path),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    child = SmtpproxyProcess(proc)
-    try:
-        child.wait_listening()
+    with smtpproxy_process(
+        "record", "--listen", "127.0.0.1:0", "--recordings", str(folder), "--quiet", cwd=tmp_path
+    ) as child:
         finished = child.finish()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=15)
-        for pipe in (proc.stdout, proc.stderr):
-            assert pipe is not None
-            pipe.close()
     assert finished.returncode == 0
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert "made it 0700" in finished.stderr
