@@ -7,13 +7,16 @@ Hops compared side by side in one run, interleaved (A B C D, B C D A, ...):
   direct    smtp-source talks to smtp-sink
   socat     socat TCP-LISTEN ... TCP:sink
   trio      bench/trio_relay.py, a minimal trio byte relay
-  smtpproxy smtpproxy record --quiet, recording to a scratch folder
+  smtpproxy smtpproxy record --quiet, recording to a scratch folder (its
+            default: one worker process per core)
+  1worker   the same with --workers 1: one process, as the trio relay is
 
 Only the two Postfix test binaries are used (Debian package postfix); the
 Postfix daemon is not started. Every message must reach the sink (its counter
 is checked) or the run counts as failed. Output: the median wall time of each
-hop, its ratio to direct and to the trio relay, smtpproxy's peak RSS (VmHWM)
-and its recording size per message and relative to the bytes on the wire.
+hop, its ratio to direct and to the trio relay, smtpproxy's peak RSS (VmHWM;
+with workers, that of the largest process and the sum over all of them) and
+its recording size per message and relative to the bytes on the wire.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ WORKLOADS = {
     "conn": dict(sessions=500, messages=20000, size=1024, reuse=False),
     "lat": dict(sessions=1, messages=20000, size=1024, reuse=True),
 }
-HOPS = ["direct", "socat", "trio", "smtpproxy"]
+HOPS = ["direct", "socat", "trio", "smtpproxy", "1worker"]
+PROXIES = ("smtpproxy", "1worker")
 
 
 def free_port() -> int:
@@ -84,12 +88,20 @@ def vm_hwm_kb(pid: int) -> int:
     return 0
 
 
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 @dataclass
 class Run:
     hop: str
     seconds: float
     delivered: int
-    rss_kb: int = 0
+    rss_kb: int = 0  # the largest process
+    rss_sum_kb: int = 0  # all of them (parent and workers)
     rec_bytes: int = 0
     wire_bytes: int = 0
 
@@ -120,6 +132,8 @@ def one_run(hop: str, wl: dict, scratch: Path) -> Run:
                     "--upstream", f"127.0.0.1:{sink_port}", "--recordings", str(rec_dir), "--quiet",
                     "--no-color", "--max-sessions", "100000",
                 ]
+                if hop == "1worker":
+                    cmd += ["--workers", "1"]
             hop_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wait_listening(target, hop_proc)
         src = ["smtp-source", "-s", str(wl["sessions"]), "-m", str(wl["messages"]), "-l", str(wl["size"])]
@@ -130,8 +144,9 @@ def one_run(hop: str, wl: dict, scratch: Path) -> Run:
         subprocess.run(src, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
         seconds = time.perf_counter() - t0
         run = Run(hop, seconds, 0)
-        if hop == "smtpproxy" and hop_proc is not None:
-            run.rss_kb = vm_hwm_kb(hop_proc.pid)
+        if hop in PROXIES and hop_proc is not None:
+            sizes = [vm_hwm_kb(pid) for pid in [hop_proc.pid, *children(hop_proc.pid)]]
+            run.rss_kb, run.rss_sum_kb = max(sizes), sum(sizes)
     finally:
         if hop_proc is not None:
             stop(hop_proc)
@@ -141,7 +156,7 @@ def one_run(hop: str, wl: dict, scratch: Path) -> Run:
     counter.close()
     counts = re.findall(r"mesg=(\d+)", out)
     run.delivered = int(counts[-1]) if counts else 0
-    if hop == "smtpproxy" and rec_dir.exists():
+    if hop in PROXIES and rec_dir.exists():
         for f in rec_dir.glob("*.jsonl"):
             run.rec_bytes += f.stat().st_size
             last = f.read_text(errors="replace").rstrip("\n").rsplit("\n", 1)[-1]
@@ -185,13 +200,15 @@ def main() -> int:
             med = {h: statistics.median(x.seconds for x in runs[h]) for h in hops}
             print(f"## {name}: {wl['sessions']} sessions, {wl['messages']} messages of {wl['size']} octets"
                   f"{', several per connection' if wl['reuse'] else ', one per connection'}; {args.rounds} rounds")
-            print("| hop | median s | x direct | x trio relay | peak RSS | recording/msg | recording/wire |")
+            print("| hop | median s | x direct | x trio relay | peak RSS (largest process / all) | recording/msg | recording/wire |")
             print("|---|---|---|---|---|---|---|")
             for h in hops:
                 rss = rec = ratio = ""
-                if h == "smtpproxy":
+                if h in PROXIES:
                     last = runs[h][-1]
                     rss = f"{max(x.rss_kb for x in runs[h]) / 1024:.1f} MB"
+                    if any(x.rss_sum_kb > x.rss_kb for x in runs[h]):
+                        rss += f" / {max(x.rss_sum_kb for x in runs[h]) / 1024:.1f} MB"
                     rec = f"{last.rec_bytes / max(1, wl['messages']):,.0f} B"
                     ratio = f"{last.rec_bytes / max(1, last.wire_bytes):.2f}"
                 xd = med[h] / med["direct"] if "direct" in med else float("nan")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
+import socket
 import stat
 import sys
 from collections.abc import Callable
@@ -33,6 +35,7 @@ from .replay import ReplayOptions, format_result, format_table, replay_all
 from .server import Sink, SinkConfig
 from .summary import SessionSummary, session_row
 from .tls import CertificateAuthority, ServerContexts, TlsFailure, client_context, default_home
+from .workers import WorkerGroup, default_count
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -166,6 +169,13 @@ def main() -> None:
     is_flag=True,
     help="Keep passwords, tokens and CRAM-MD5 digests out of recordings and the transcript (user names stay).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Relay processes sharing the --listen address (Linux); each session stays in one. "
+    "Default: one per core, at most 8; 1 with the embedded upstream.",
+)
 @color_option
 def record(
     listen: tuple[str, int],
@@ -185,6 +195,7 @@ def record(
     strip_starttls: bool,
     keylog: Path | None,
     redact: bool,
+    workers: int | None,
     color: bool | None,
 ) -> None:
     """Relay mail clients to an SMTP server, showing and recording every
@@ -255,21 +266,81 @@ def record(
         strip_starttls=strip_starttls,
         redact=redact,
     )
-    proxy = Proxy(config, transcript)
-    try:
-        trio.run(_run_record, proxy, upstream is None, ca)
-    except OSError as exc:
-        raise click.ClickException(
-            f"cannot listen on {listen[0]}:{listen[1]}: {exc.strerror or exc}; "
-            "choose another address with --listen HOST:PORT"
-        ) from None
-    stats = proxy.stats
+    count = min(workers or default_count(), max_sessions)
+    if upstream is None:
+        count = 1  # the embedded sink is a demo upstream: one process serves it
+    if count > 1:
+        config.max_sessions = max_sessions // count
+        totals, ok = _record_in_workers(config, transcript, count, ca)
+    else:
+        proxy = Proxy(config, transcript)
+        try:
+            trio.run(_run_record, proxy, upstream is None, ca)
+        except OSError as exc:
+            raise _cannot_listen(listen, exc) from None
+        totals, ok = dataclasses.asdict(proxy.stats), True
     click.echo(
-        f"smtpproxy: {stats.sessions} session(s), {stats.recordings} recording(s) in {recordings}/"
-        + (f", {stats.recorder_failures} recording failure(s)" if stats.recorder_failures else "")
-        + (f", {stats.refused} refused (too many sessions)" if stats.refused else ""),
+        f"smtpproxy: {totals.get('sessions', 0)} session(s), {totals.get('recordings', 0)} recording(s) in {recordings}/"
+        + (f", {totals['recorder_failures']} recording failure(s)" if totals.get("recorder_failures") else "")
+        + (f", {totals['refused']} refused (too many sessions)" if totals.get("refused") else ""),
         err=True,
     )
+    if not ok:
+        sys.exit(1)
+
+
+def _cannot_listen(listen: tuple[str, int], exc: OSError) -> click.ClickException:
+    return click.ClickException(
+        f"cannot listen on {listen[0]}:{listen[1]}: {exc.strerror or exc}; "
+        "choose another address with --listen HOST:PORT"
+    )
+
+
+def _banner(address: tuple[str, int], config: ProxyConfig, ca: CertificateAuthority | None, workers: int = 1) -> None:
+    target = config.upstream_label or f"{config.upstream[0]}:{config.upstream[1]}"
+    click.echo(
+        f"smtpproxy {__version__}: listening on {address[0]}:{address[1]}, relaying to {target}; "
+        f"recording to {config.recordings}/"
+        + (f"; {workers} worker processes" if workers > 1 else "")
+        + " (Ctrl-C to stop)",
+        err=True,
+    )
+    if ca is not None:
+        click.echo(
+            f"TLS: clients are shown certificates from the local CA {ca.cert_path} "
+            "(trust it for STARTTLS: see 'smtpproxy ca')",
+            err=True,
+        )
+
+
+def _record_in_workers(
+    config: ProxyConfig, transcript: Transcript, count: int, ca: CertificateAuthority | None
+) -> tuple[dict[str, int], bool]:
+    """``record`` with several worker processes (see smtpproxy/workers.py)."""
+    try:
+        group = WorkerGroup.bind(config.listen[0], config.listen[1], count)
+    except OSError as exc:
+        raise _cannot_listen(config.listen, exc) from None
+    _banner(group.address, config, ca, count)
+
+    def work(sockets: list[socket.socket]) -> dict[str, int]:
+        proxy = Proxy(config, transcript)
+        trio.run(_serve_sockets, proxy, sockets)
+        return dataclasses.asdict(proxy.stats)
+
+    ok = group.run(work)
+    for problem in group.problems:
+        click.echo(f"smtpproxy: {problem}", err=True)
+    return group.totals, ok
+
+
+async def _serve_sockets(proxy: Proxy, sockets: list[socket.socket]) -> None:
+    """One worker: serve on sockets bound by the parent until a signal."""
+    listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.serve, listeners)
+        await _wait_for_signal()
+        nursery.cancel_scope.cancel()
 
 
 async def _wait_for_signal() -> None:
@@ -295,18 +366,7 @@ async def _run_record(proxy: Proxy, embedded: bool, ca: CertificateAuthority | N
             config.upstream = (host, port)
             config.upstream_label = f"embedded sink {host}:{port}"
         address = await nursery.start(proxy.serve, listeners)
-        target = config.upstream_label or f"{config.upstream[0]}:{config.upstream[1]}"
-        click.echo(
-            f"smtpproxy {__version__}: listening on {address[0]}:{address[1]}, relaying to {target}; "
-            f"recording to {config.recordings}/ (Ctrl-C to stop)",
-            err=True,
-        )
-        if ca is not None:
-            click.echo(
-                f"TLS: clients are shown certificates from the local CA {ca.cert_path} "
-                "(trust it for STARTTLS: see 'smtpproxy ca')",
-                err=True,
-            )
+        _banner(address, config, ca)
         await _wait_for_signal()
         nursery.cancel_scope.cancel()
 
