@@ -22,6 +22,10 @@ class Side(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
 
+    # members are singletons: hash by identity, in C (Enum's own __hash__ is
+    # Python code, and the relay looks sides up on every read)
+    __hash__ = object.__hash__
+
     @property
     def other(self) -> Side:
         return Side.SERVER if self is Side.CLIENT else Side.CLIENT

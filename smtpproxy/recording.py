@@ -20,7 +20,7 @@ import datetime as _dt
 import json
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from .events import (
     TlsEstablished,
     TlsStart,
 )
-from .protocol import auth_response_fields, command_fields, reply_fields
+from .protocol import MessageHead, auth_response_fields, command_fields, reply_fields
 
 FORMAT = "smtpproxy-recording"
 VERSION = 1
@@ -284,6 +284,19 @@ def encode_line(t: float, ev: Event) -> bytes:
     return (_dumps(encode_event(t, ev)) + "\n").encode("utf-8")
 
 
+def _message_end_line(t: float, ev: MessageEnd, derived: Mapping[str, str]) -> bytes:
+    """A ``message_end`` line; ``headers`` only when the reader would not
+    derive the same from the data pieces before it."""
+    if ev.headers != derived:
+        return encode_line(t, ev)
+    line = f'{{"t":{round(t, 6)!r},"type":"message_end","size":{ev.size}'
+    if ev.via != "DATA":
+        line += f',"via":{_str(ev.via)}'
+    if not ev.complete:
+        line += ',"complete":false'
+    return (line + "}\n").encode("utf-8")
+
+
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _str = json.encoder.encode_basestring  # a JSON string, non-ASCII kept, as _ENCODER writes it
 
@@ -292,8 +305,10 @@ def _dumps(obj: Mapping[str, Any]) -> str:
     return _ENCODER.encode(obj)
 
 
-def decode_event(d: Mapping[str, Any]) -> Entry:
-    """The inverse of :func:`encode_event`; raises KeyError/ValueError/TypeError."""
+def decode_event(d: Mapping[str, Any], headers: Callable[[], dict[str, str]] | None = None) -> Entry:
+    """The inverse of :func:`encode_event`; raises KeyError/ValueError/TypeError.
+    ``headers`` gives a ``message_end`` without them its headers (the
+    reader's ``_MessageHeads``); without it they are empty."""
     cls = _CLASSES[d["type"]]
     kwargs: dict[str, Any] = {}
     for f in _FIELDS[cls]:
@@ -317,6 +332,8 @@ def decode_event(d: Mapping[str, Any]) -> Entry:
     if cls in _DERIVE:
         for name, value in _DERIVE[cls](raw).items():
             kwargs.setdefault(name, value)
+    elif cls is MessageEnd and "headers" not in kwargs:
+        kwargs["headers"] = headers() if headers is not None else {}
     if cls in _ONE_SIDED:
         fixed: Side = getattr(cls, "side")
         if "side" in d and Side(d["side"]) is not fixed:
@@ -357,6 +374,41 @@ def _check_types(cls: type, kwargs: Mapping[str, Any]) -> None:
             raise TypeError("auth.fields must be an object of strings")
 
 
+class _MessageHeads:
+    """Follows the events of a recording, in order, to know the start of
+    each message: a ``message_end`` line leaves out ``headers`` when they are
+    what this summarises (the header block of the message's data pieces), and
+    the reader derives them the same way. Writer and reader both use this
+    class; the writer checks and writes the headers whenever they differ."""
+
+    __slots__ = ("head",)
+
+    def __init__(self) -> None:
+        self.head = MessageHead()
+
+    def see(self, ev: Event) -> None:
+        kind = type(ev)
+        if kind is MessageData:
+            if not self.head.done:
+                self.head.add(ev.raw)
+        elif kind is MessageEnd or kind is TlsStart:
+            self.head = MessageHead()
+        elif kind is Command:
+            if ev.verb in _NEW_TRANSACTION:  # type: ignore[union-attr]
+                self.head = MessageHead()
+        elif kind is Reply:
+            r: Reply = ev  # type: ignore[assignment]
+            if (r.command == "DATA" and r.intermediate) or (r.command == "BDAT" and not 200 <= r.code < 300):
+                self.head = MessageHead()  # a new message starts, or a refused chunk ends one
+
+    def derived(self) -> dict[str, str]:
+        return self.head.headers()
+
+
+#: Commands that start a new transaction or none (RFC 5321 4.1.1.5, RFC 3030).
+_NEW_TRANSACTION = frozenset({"RSET", "EHLO", "HELO", "MAIL"})
+
+
 # -- writing ----------------------------------------------------------------
 
 
@@ -374,6 +426,7 @@ class Recorder:
         self.error: OSError | None = None
         self.dropped = 0
         self._start = clock_start
+        self._heads = _MessageHeads()
         self._fd: int | None = os.open(
             path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600
         )
@@ -435,12 +488,19 @@ class Recorder:
                 pass
             self._fd = None
 
-    def write(self, now: float, events: Iterable[Event]) -> None:
+    def write(self, now: float, events: Sequence[Event]) -> None:
         """Append events seen at clock time ``now``."""
         t = now - self._start
-        data = b"".join([encode_line(t, ev) for ev in events])
-        if data:
-            self._write(data)
+        heads = self._heads
+        lines = []
+        for ev in events:
+            if type(ev) is MessageEnd:
+                lines.append(_message_end_line(t, ev, heads.derived()))
+            else:
+                lines.append(encode_line(t, ev))
+            heads.see(ev)
+        if lines:
+            self._write(lines[0] if len(lines) == 1 else b"".join(lines))
 
     def close(self, now: float, by: str, reason: str, totals: Mapping[str, Any]) -> None:
         """Write the close line and close the file."""
@@ -476,6 +536,7 @@ def read_recording(path: Path) -> Recording:
     entries: list[Entry] = []
     close: Close | None = None
     truncated = False
+    heads = _MessageHeads()
     for lineno, line in enumerate(lines, 1):
         last = lineno == len(lines)
         if not line.strip():
@@ -506,7 +567,9 @@ def read_recording(path: Path) -> Recording:
                     totals=totals,
                 )
                 continue
-            entries.append(decode_event(obj))
+            entry = decode_event(obj, heads.derived)
+            heads.see(entry.event)
+            entries.append(entry)
         except (KeyError, ValueError, TypeError) as exc:
             what = "close line" if obj.get("type") == "close" else "event"
             raise RecordingError(f"{path}:{lineno}: not a valid {what} ({exc})") from None

@@ -60,3 +60,51 @@ def test_the_quick_lines_are_the_lines_encode_event_gives() -> None:
         for ev in events_of(script):
             for t in (0.0, 1.5, 123.4567891):
                 assert encode_line(t, ev) == (_dumps(encode_event(t, ev)) + "\n").encode(), ev
+
+
+def recorded(tmp_path, events, name="r"):  # type: ignore[no-untyped-def]
+    """Write ``events`` with the real Recorder; (the file's lines, the events read back)."""
+    import datetime as dt
+
+    from smtpproxy.recording import Recorder, read_recording
+
+    rec = Recorder.create(tmp_path, name, dt.datetime.now(dt.UTC), 0.0, client="c", listen="l", upstream="u")
+    for ev in events:
+        rec.write(1.0, [ev])
+    rec.close(2.0, "client", "done", {})
+    lines = [json.loads(x) for x in rec.path.read_text().splitlines()]
+    return lines, [e.event for e in read_recording(rec.path).entries]
+
+
+def test_message_headers_are_derived_from_the_data_not_written(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from smtpproxy.events import MessageEnd, Side
+
+    body = b"Subject: =?utf-8?q?caf=C3=A9?=\r\nFrom: ann@example.org\r\n\r\nhi\r\n"
+    script = [
+        (Side.SERVER, b"220 mx\r\n"), (Side.CLIENT, b"EHLO c\r\n"), (Side.SERVER, b"250 mx\r\n"),
+        # a transaction reset after its body began must not leak into the next
+        (Side.CLIENT, b"MAIL FROM:<a@x>\r\n"), (Side.SERVER, b"250 ok\r\n"),
+        (Side.CLIENT, b"DATA\r\n"), (Side.SERVER, b"354 go\r\n"),
+        (Side.CLIENT, b"Subject: first\r\n"), (Side.CLIENT, b"\r\nbody\r\n.\r\n"), (Side.SERVER, b"250 ok\r\n"),
+        (Side.CLIENT, b"MAIL FROM:<a@x>\r\n"), (Side.SERVER, b"250 ok\r\n"),
+        (Side.CLIENT, b"DATA\r\n"), (Side.SERVER, b"354 go\r\n"),
+        (Side.CLIENT, body[:20]), (Side.CLIENT, body[20:] + b".\r\n"), (Side.SERVER, b"250 ok\r\n"),
+    ]  # fmt: skip
+    events = events_of(script)
+    ends = [e for e in events if isinstance(e, MessageEnd)]
+    assert [e.headers.get("Subject") for e in ends] == ["first", "café"]
+    lines, back = recorded(tmp_path, events)
+    written = [x for x in lines if x.get("type") == "message_end"]
+    assert len(written) == 2 and all("headers" not in x for x in written)
+    assert back == events
+
+
+def test_message_headers_are_written_when_the_data_would_not_give_them(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from smtpproxy.events import MessageData, MessageEnd
+
+    # a Conversation never makes these; a writer fed them must not lose the headers
+    odd = [MessageData(b"Subject: one\r\n\r\nx\r\n.\r\n", "DATA", True), MessageEnd(20, {"Subject": "two"})]
+    lines, back = recorded(tmp_path, odd)
+    (end,) = [x for x in lines if x.get("type") == "message_end"]
+    assert end["headers"] == {"Subject": "two"}
+    assert back == odd

@@ -7,6 +7,8 @@ trio, ssl or sockets.
 
 from .conversation import GREETING, MAX_HOLD, MAX_LINE, MAX_PENDING, ClientState, Conversation
 from .text import (
+    MAX_HEADER,
+    MessageHead,
     Unstuffer,
     auth_response_fields,
     command_fields,
@@ -23,11 +25,13 @@ from .text import (
 
 __all__ = [
     "GREETING",
+    "MAX_HEADER",
     "MAX_HOLD",
     "MAX_LINE",
     "MAX_PENDING",
     "ClientState",
     "Conversation",
+    "MessageHead",
     "Unstuffer",
     "auth_response_fields",
     "command_fields",

@@ -37,7 +37,7 @@ from ..events import (
     Side,
     TlsStart,
 )
-from .text import decode_line, enhanced_code, parse_capabilities, split_command, summarise_headers
+from .text import MessageHead, decode_line, enhanced_code, parse_capabilities, split_command
 
 __all__ = ["GREETING", "MAX_HOLD", "MAX_LINE", "MAX_PENDING", "ClientState", "Conversation"]
 
@@ -51,8 +51,6 @@ MAX_HOLD = 1024 * 1024
 MAX_PENDING = 1_000_000
 #: Verbs whose pending entry carries state (or is waited on).
 _STATEFUL = frozenset({"AUTH", "DATA", "STARTTLS", "BDAT"})
-#: Most header bytes kept to summarise a message.
-MAX_HEADER = 64 * 1024
 
 GREETING = "<greeting>"
 _TERM = b"\r\n.\r\n"
@@ -106,23 +104,14 @@ class _Lines:
 class _Message:
     """Size and header accounting for the message being sent."""
 
-    __slots__ = ("dots", "head", "head_done", "prev", "via", "wire")
+    __slots__ = ("dots", "head", "prev", "via", "wire")
 
     def __init__(self, via: str) -> None:
         self.via = via
         self.wire = 0
         self.dots = 0
         self.prev = b"\r\n"  # the body starts as if after a line end
-        self.head = bytearray()
-        self.head_done = False
-
-    def take_head(self, chunk: bytes) -> None:
-        if self.head_done:
-            return
-        room = MAX_HEADER - len(self.head)
-        self.head += chunk[:room]
-        if b"\r\n\r\n" in self.head or b"\n\n" in self.head or len(self.head) >= MAX_HEADER:
-            self.head_done = True
+        self.head = MessageHead()
 
     def size(self, complete: bool = True) -> int:
         if self.via == "DATA" and complete:
@@ -135,7 +124,7 @@ class _Message:
     def end(self, complete: bool) -> MessageEnd:
         return MessageEnd(
             size=self.size(complete),
-            headers=summarise_headers(bytes(self.head)),
+            headers=self.head.headers(),
             via=self.via,
             complete=complete,
         )
@@ -444,7 +433,8 @@ class Conversation:
         msg = self._message
         if msg is not None:
             msg.wire += len(chunk)
-            msg.take_head(chunk)
+            if not msg.head.done:
+                msg.head.add(chunk)
             via = msg.via
         else:
             via = "BDAT"

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from email.header import decode_header, make_header
 
 __all__ = [
+    "MAX_HEADER",
+    "MessageHead",
     "Unstuffer",
     "auth_response_fields",
     "command_fields",
@@ -29,6 +31,34 @@ __all__ = [
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?=\s|$)")
 _SUMMARY_HEADERS = ("From", "To", "Cc", "Subject", "Date", "Message-ID")
 _WANTED = {name.lower(): name for name in _SUMMARY_HEADERS}
+
+
+#: at most this much of a message is kept to summarise its header
+MAX_HEADER = 64 * 1024
+
+
+class MessageHead:
+    """The start of a message as its pieces go by, up to the blank line
+    that ends the header (at most ``MAX_HEADER`` octets): what
+    ``summarise_headers`` reads. The Conversation keeps one per message, and
+    the recording reader one per message it reads back, so both summarise the
+    same octets."""
+
+    __slots__ = ("data", "done")
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.done = False
+
+    def add(self, piece: bytes) -> None:
+        if self.done:
+            return
+        self.data += piece[: MAX_HEADER - len(self.data)]
+        if b"\r\n\r\n" in self.data or b"\n\n" in self.data or len(self.data) >= MAX_HEADER:
+            self.done = True
+
+    def headers(self) -> dict[str, str]:
+        return summarise_headers(bytes(self.data))
 
 
 def summarise_headers(head: bytes) -> dict[str, str]:
