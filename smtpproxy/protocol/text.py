@@ -61,9 +61,24 @@ class MessageHead:
         return summarise_headers(bytes(self.data))
 
 
+#: the last header block summarised and its summary: the recorder asks again
+#: for the message the Conversation has just summarised
+_last_summary: tuple[bytes, dict[str, str]] = (b"\0", {})
+
+
 def summarise_headers(head: bytes) -> dict[str, str]:
     """The main headers of a message (RFC 5322 section 2.2: unfolded, MIME
     encoded-words decoded). Only the header block is read."""
+    global _last_summary
+    last = _last_summary
+    if head == last[0]:
+        return dict(last[1])
+    out = _summarise(head)
+    _last_summary = (head, out)
+    return dict(out)
+
+
+def _summarise(head: bytes) -> dict[str, str]:
     end = head.find(b"\r\n\r\n")
     if end < 0:
         end = head.find(b"\n\n")
