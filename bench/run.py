@@ -14,9 +14,10 @@ Hops compared side by side in one run, interleaved (A B C D, B C D A, ...):
 Only the two Postfix test binaries are used (Debian package postfix); the
 Postfix daemon is not started. Every message must reach the sink (its counter
 is checked) or the run counts as failed. Output: the median wall time of each
-hop, its ratio to direct and to the trio relay, smtpproxy's peak RSS (VmHWM;
-with workers, that of the largest process and the sum over all of them) and
-its recording size per message and relative to the bytes on the wire.
+hop, its ratio to direct and to the trio relay, smtpproxy's peak RSS (VmHWM of
+its largest process), the PSS of all its processes at the end (with workers:
+shared pages counted once), and its recording size per message and relative
+to the bytes on the wire.
 """
 
 from __future__ import annotations
@@ -88,6 +89,18 @@ def vm_hwm_kb(pid: int) -> int:
     return 0
 
 
+def pss_kb(pid: int) -> int:
+    """Proportional set size: shared pages (those a forked worker shares
+    with its parent) split among the processes that map them."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def children(pid: int) -> list[int]:
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -101,7 +114,7 @@ class Run:
     seconds: float
     delivered: int
     rss_kb: int = 0  # the largest process
-    rss_sum_kb: int = 0  # all of them (parent and workers)
+    pss_sum_kb: int = 0  # all of them (parent and workers), at the end, shared pages counted once
     rec_bytes: int = 0
     wire_bytes: int = 0
 
@@ -145,8 +158,9 @@ def one_run(hop: str, wl: dict, scratch: Path) -> Run:
         seconds = time.perf_counter() - t0
         run = Run(hop, seconds, 0)
         if hop in PROXIES and hop_proc is not None:
-            sizes = [vm_hwm_kb(pid) for pid in [hop_proc.pid, *children(hop_proc.pid)]]
-            run.rss_kb, run.rss_sum_kb = max(sizes), sum(sizes)
+            pids = [hop_proc.pid, *children(hop_proc.pid)]
+            run.rss_kb = max(vm_hwm_kb(pid) for pid in pids)
+            run.pss_sum_kb = sum(pss_kb(pid) for pid in pids)
     finally:
         if hop_proc is not None:
             stop(hop_proc)
@@ -200,20 +214,19 @@ def main() -> int:
             med = {h: statistics.median(x.seconds for x in runs[h]) for h in hops}
             print(f"## {name}: {wl['sessions']} sessions, {wl['messages']} messages of {wl['size']} octets"
                   f"{', several per connection' if wl['reuse'] else ', one per connection'}; {args.rounds} rounds")
-            print("| hop | median s | x direct | x trio relay | peak RSS (largest process / all) | recording/msg | recording/wire |")
-            print("|---|---|---|---|---|---|---|")
+            print("| hop | median s | x direct | x trio relay | peak RSS (largest process) | PSS of all processes at the end | recording/msg | recording/wire |")
+            print("|---|---|---|---|---|---|---|---|")
             for h in hops:
-                rss = rec = ratio = ""
+                rss = pss = rec = ratio = ""
                 if h in PROXIES:
                     last = runs[h][-1]
                     rss = f"{max(x.rss_kb for x in runs[h]) / 1024:.1f} MB"
-                    if any(x.rss_sum_kb > x.rss_kb for x in runs[h]):
-                        rss += f" / {max(x.rss_sum_kb for x in runs[h]) / 1024:.1f} MB"
+                    pss = f"{max(x.pss_sum_kb for x in runs[h]) / 1024:.1f} MB"
                     rec = f"{last.rec_bytes / max(1, wl['messages']):,.0f} B"
                     ratio = f"{last.rec_bytes / max(1, last.wire_bytes):.2f}"
                 xd = med[h] / med["direct"] if "direct" in med else float("nan")
                 xt = med[h] / med["trio"] if "trio" in med else float("nan")
-                print(f"| {h} | {med[h]:.2f} | {xd:.2f} | {xt:.2f} | {rss} | {rec} | {ratio} |")
+                print(f"| {h} | {med[h]:.2f} | {xd:.2f} | {xt:.2f} | {rss} | {pss} | {rec} | {ratio} |")
             print()
     return 1 if failed else 0
 
