@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -9,7 +10,7 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -321,14 +322,13 @@ def _record_in_workers(
         group = WorkerGroup.bind(config.listen[0], config.listen[1], count)
     except OSError as exc:
         raise _cannot_listen(config.listen, exc) from None
-    _banner(group.address, config, ca, count)
 
     def work(sockets: list[socket.socket]) -> dict[str, int]:
         proxy = Proxy(config, transcript)
         trio.run(_serve_sockets, proxy, sockets)
         return dataclasses.asdict(proxy.stats)
 
-    ok = group.run(work)
+    ok = group.run(work, ready=lambda: _banner(group.address, config, ca, count))
     for problem in group.problems:
         click.echo(f"smtpproxy: {problem}", err=True)
     return group.totals, ok
@@ -337,38 +337,46 @@ def _record_in_workers(
 async def _serve_sockets(proxy: Proxy, sockets: list[socket.socket]) -> None:
     """One worker: serve on sockets bound by the parent until a signal."""
     listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(proxy.serve, listeners)
-        await _wait_for_signal()
-        nursery.cancel_scope.cancel()
+    with _stop_signals() as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.serve, listeners)
+            await _first(signals)
+            nursery.cancel_scope.cancel()
 
 
-async def _wait_for_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            return
+def _stop_signals() -> contextlib.AbstractContextManager[AsyncIterator[int]]:
+    """SIGINT and SIGTERM, caught from here on. Entered before the banner is
+    printed: a signal sent as soon as the banner shows must not meet the
+    default action (death, with recordings left without their close line)."""
+    return trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+
+
+async def _first(signals: AsyncIterator[int]) -> None:
+    async for _ in signals:
+        return
 
 
 async def _run_record(proxy: Proxy, embedded: bool, ca: CertificateAuthority | None) -> None:
     config = proxy.config
     listeners = await proxy.listen()
-    async with trio.open_nursery() as nursery:
-        if embedded:
-            sink_tls = ServerContexts(["localhost", "127.0.0.1"], ca=ca) if ca is not None else None
-            sink = Sink(
-                SinkConfig(
-                    idle_timeout=config.idle_timeout or 300.0,
-                    tls=sink_tls.default if sink_tls else None,
-                    implicit_tls=config.listen_tls and config.upstream_tls != "plain",
+    with _stop_signals() as signals:
+        async with trio.open_nursery() as nursery:
+            if embedded:
+                sink_tls = ServerContexts(["localhost", "127.0.0.1"], ca=ca) if ca is not None else None
+                sink = Sink(
+                    SinkConfig(
+                        idle_timeout=config.idle_timeout or 300.0,
+                        tls=sink_tls.default if sink_tls else None,
+                        implicit_tls=config.listen_tls and config.upstream_tls != "plain",
+                    )
                 )
-            )
-            host, port = await nursery.start(sink.serve, "127.0.0.1", 0)
-            config.upstream = (host, port)
-            config.upstream_label = f"embedded sink {host}:{port}"
-        address = await nursery.start(proxy.serve, listeners)
-        _banner(address, config, ca)
-        await _wait_for_signal()
-        nursery.cancel_scope.cancel()
+                host, port = await nursery.start(sink.serve, "127.0.0.1", 0)
+                config.upstream = (host, port)
+                config.upstream_label = f"embedded sink {host}:{port}"
+            address = await nursery.start(proxy.serve, listeners)
+            _banner(address, config, ca)
+            await _first(signals)
+            nursery.cancel_scope.cancel()
 
 
 @main.command()
@@ -398,12 +406,13 @@ def sink(listen: tuple[str, int], hostname: str | None, max_size: int) -> None:
 
     async def run() -> None:
         listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(trio.serve_listeners, server.handle, listeners)
-            addr = listeners[0].socket.getsockname()
-            click.echo(f"smtpproxy sink: listening on {addr[0]}:{addr[1]} (Ctrl-C to stop)", err=True)
-            await _wait_for_signal()
-            nursery.cancel_scope.cancel()
+        with _stop_signals() as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.serve_listeners, server.handle, listeners)
+                addr = listeners[0].socket.getsockname()
+                click.echo(f"smtpproxy sink: listening on {addr[0]}:{addr[1]} (Ctrl-C to stop)", err=True)
+                await _first(signals)
+                nursery.cancel_scope.cancel()
 
     try:
         trio.run(run)

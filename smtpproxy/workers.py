@@ -113,16 +113,22 @@ class WorkerGroup:
             for sock in group:
                 sock.close()
 
-    def run(self, work: Callable[[list[socket.socket]], Mapping[str, int]]) -> bool:
+    def run(
+        self, work: Callable[[list[socket.socket]], Mapping[str, int]], ready: Callable[[], None] | None = None
+    ) -> bool:
         """Run ``work(sockets)`` in each worker until SIGINT or SIGTERM, then
-        wait for them all. The counts the workers return are summed into
-        ``totals``; what went wrong is in ``problems``. True when every worker
-        ended cleanly."""
+        wait for them all. ``ready`` runs once those signals are held for the
+        supervisor (print the banner there: a signal sent as soon as it shows
+        must not kill the parent by default action). The counts the workers
+        return are summed into ``totals``; what went wrong is in
+        ``problems``. True when every worker ended cleanly."""
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         workers: dict[int, _Worker] = {}
         ok = True
         stop_at: float | None = None
         try:
+            if ready is not None:
+                ready()
             for i in range(self.count):
                 w = self._start(i, work, old_mask)
                 workers[w.pid] = w

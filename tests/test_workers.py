@@ -169,3 +169,19 @@ def test_max_sessions_below_workers_means_one_process(tmp_path: Path, aiosmtpd_s
         assert children(proxy.proc.pid) == []
         done = proxy.finish(signal.SIGTERM)
     assert done.returncode == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_signal_as_soon_as_the_banner_shows_stops_cleanly(
+    tmp_path: Path, aiosmtpd_server: AioServer, workers: str
+) -> None:
+    """The banner comes only once SIGINT/SIGTERM are caught: a script that
+    signals the moment it reads the banner gets exit 0, not death by the
+    default action (it used to, now and then, on a loaded machine)."""
+    for i in range(5):
+        rec_dir = tmp_path / f"recordings-{i}"
+        args = record_args(rec_dir, aiosmtpd_server, "--workers", workers)
+        with smtpproxy_process(*args, cwd=tmp_path) as proxy:
+            done = proxy.finish(signal.SIGTERM)
+        assert done.returncode == 0, (i, done.stderr)
+        assert "0 session(s), 0 recording(s)" in done.stderr
