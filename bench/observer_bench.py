@@ -30,7 +30,10 @@ C, S = Side.CLIENT, Side.SERVER
 BODY = (
     b"From: <foo@vm>\r\nTo: <foo@vm>\r\nDate: Sun, 29 Nov 2026 04:48:21 +0000 (UTC)\r\n"
     b"Message-Id: <6ee7.0010.2ec3@vm>\r\n\r\n"
-    + b"".join(b"%dXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX\r\n" % i for i in range(13))
+    + b"".join(
+        b"%dXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX\r\n" % i
+        for i in range(13)
+    )
     + b".\r\n"
 )
 READS = [
@@ -50,7 +53,13 @@ def run(messages: int, folder: Path) -> float:
     for side, data in [(S, b"220 sink ESMTP\r\n"), (C, b"HELO vm\r\n"), (S, b"250 sink\r\n")]:
         conv.feed(side, data)
     recorder = Recorder.create(
-        folder, f"b{time.monotonic_ns()}", dt.datetime.now(dt.UTC), 0.0, client="c", listen="l", upstream="u"
+        folder,
+        f"b{time.monotonic_ns()}",
+        dt.datetime.now(dt.UTC),
+        0.0,
+        client="c",
+        listen="l",
+        upstream="u",
     )
     summary = SessionSummary()
     transcript = Transcript(io.StringIO(), color=False, quiet=True)
@@ -68,13 +77,17 @@ def run(messages: int, folder: Path) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--messages", type=int, default=10000)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="smtpproxy-observer-") as tmp:
         run(1000, Path(tmp))  # warm up
         best = min(run(args.messages, Path(tmp)) for _ in range(3))
-    print(f"observer: {best:.1f} us per message (8 reads, 9 events; parse, summary, recorder, quiet transcript)")
+    print(
+        f"observer: {best:.1f} us per message (8 reads, 9 events; parse, summary, recorder, quiet transcript)"
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from . import __version__
 from .diff import diff_sessions, exchanges_of, format_unified, tls_facts
 from .events import Side
 from .export import export_recording
+from .net import is_loopback, parse_hostport
 from .recording import (
     Recording,
     RecordingError,
@@ -29,7 +30,6 @@ from .recording import (
     iter_recordings,
     read_recording,
 )
-from .net import is_loopback, parse_hostport
 from .relay import Proxy, ProxyConfig
 from .render import Transcript
 from .replay import ReplayOptions, format_result, format_table, replay_all

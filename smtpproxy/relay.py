@@ -9,7 +9,6 @@ thinks can stop or alter the flow: its events only describe it.
 from __future__ import annotations
 
 import datetime as _dt
-import errno
 import logging
 import re
 import ssl
@@ -25,6 +24,7 @@ from .net import connect_reason, format_address, is_ip, tls_reason
 from .protocol import MAX_LINE, Conversation, format_reply
 from .recording import Recorder, new_session_id
 from .render import Transcript
+from .streams import BUFSIZE, receive, send_all
 from .summary import SessionSummary
 from .tls import ServerContexts, handshake_facts
 
@@ -32,7 +32,6 @@ __all__ = ["Proxy", "ProxyConfig"]
 
 log = logging.getLogger(__name__)
 
-BUFSIZE = 256 * 1024
 
 
 @dataclass
@@ -195,7 +194,7 @@ class Session:
         except trio.WouldBlock:
             await lock.acquire()
         try:
-            await _send_all(self.streams[side], data)
+            await send_all(self.streams[side], data)
         except trio.BrokenResourceError as exc:
             raise _SendFailed(side) from (exc.__cause__ or exc)
         finally:
@@ -413,7 +412,7 @@ class Session:
         streams = self.streams
         try:
             while True:
-                data = await _receive(streams[side])
+                data = await receive(streams[side])
                 if not data:
                     break
                 self._activity = now = trio.current_time()
@@ -578,45 +577,6 @@ class Session:
             self._stripped = True
             self.observe([Note(Side.SERVER, "strip_starttls", "STARTTLS hidden from the client's EHLO reply")])
         return data
-
-
-async def _receive(stream: trio.abc.Stream) -> bytes | bytearray:
-    """``stream.receive_some(BUFSIZE)``; on a plain TCP leg, straight from
-    the trio socket, without the stream's layers (a conflict detector and an
-    error translator per call, on the proxy's hottest path). trio's socket
-    call still checkpoints, and errors come out as the stream's would."""
-    if type(stream) is not trio.SocketStream:
-        return await stream.receive_some(BUFSIZE)
-    try:
-        return await stream.socket.recv(BUFSIZE)
-    except OSError as exc:
-        raise _stream_error(exc) from (None if exc.errno in _CLOSED else exc)
-
-
-async def _send_all(stream: trio.abc.Stream, data: bytes | bytearray) -> None:
-    """``stream.send_all(data)``, the same way round as ``_receive``."""
-    if type(stream) is not trio.SocketStream:
-        await stream.send_all(data)
-        return
-    sock = stream.socket
-    try:
-        sent = await sock.send(data)
-        if sent < len(data):
-            with memoryview(data) as view:
-                while sent < len(view):
-                    sent += await sock.send(view[sent:])
-    except OSError as exc:
-        raise _stream_error(exc) from (None if exc.errno in _CLOSED else exc)
-
-
-#: errnos trio's SocketStream reports as a closed (not a broken) stream
-_CLOSED = {errno.EBADF, errno.ENOTSOCK}
-
-
-def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
-    if exc.errno in _CLOSED:
-        return trio.ClosedResourceError("this socket was already closed")
-    return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
 
 _STARTTLS_LINE = re.compile(rb"(?mi)^(250[ -])STARTTLS(?=[ \t]*\r?\n)")

@@ -83,7 +83,9 @@ class WorkerGroup:
     def bind(cls, host: str, port: int, count: int) -> WorkerGroup:
         """Bind ``count`` sockets per address of ``host``; OSError (address
         in use, cannot assign) before any worker starts."""
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
         unique = list(dict.fromkeys((f, t, p, a) for f, t, p, _, a in infos))
         groups: list[list[socket.socket]] = [[] for _ in range(count)]
         try:
@@ -114,7 +116,9 @@ class WorkerGroup:
                 sock.close()
 
     def run(
-        self, work: Callable[[list[socket.socket]], Mapping[str, int]], ready: Callable[[], None] | None = None
+        self,
+        work: Callable[[list[socket.socket]], Mapping[str, int]],
+        ready: Callable[[], None] | None = None,
     ) -> bool:
         """Run ``work(sockets)`` in each worker until SIGINT or SIGTERM, then
         wait for them all. ``ready`` runs once those signals are held for the
@@ -134,12 +138,20 @@ class WorkerGroup:
                 workers[w.pid] = w
             while workers:
                 timeout = None if stop_at is None else 1.0
-                info = signal.sigtimedwait(_SIGNALS, timeout) if timeout else signal.sigwaitinfo(_SIGNALS)
+                info = (
+                    signal.sigtimedwait(_SIGNALS, timeout)
+                    if timeout
+                    else signal.sigwaitinfo(_SIGNALS)
+                )
                 if info is not None and info.si_signo != signal.SIGCHLD and stop_at is None:
                     stop_at = time.monotonic()
                 if stop_at is not None:
                     # again every second: a worker still starting up ignores it
-                    kill = signal.SIGKILL if time.monotonic() - stop_at > STOP_GRACE else signal.SIGTERM
+                    kill = (
+                        signal.SIGKILL
+                        if time.monotonic() - stop_at > STOP_GRACE
+                        else signal.SIGTERM
+                    )
                     for pid in workers:
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(pid, kill)
@@ -147,7 +159,11 @@ class WorkerGroup:
                     if stop_at is not None and code == 0:
                         continue
                     ok = False
-                    how = f"exited with status {code}" if code >= 0 else f"was killed by signal {-code}"
+                    how = (
+                        f"exited with status {code}"
+                        if code >= 0
+                        else f"was killed by signal {-code}"
+                    )
                     if stop_at is None and time.monotonic() - w.started >= MIN_LIFETIME:
                         self.problems.append(f"worker {w.index + 1} {how}; started it again")
                         again = self._start(w.index, work, old_mask)
@@ -168,7 +184,10 @@ class WorkerGroup:
         return ok
 
     def _start(
-        self, index: int, work: Callable[[list[socket.socket]], Mapping[str, int]], mask: set[int | signal.Signals]
+        self,
+        index: int,
+        work: Callable[[list[socket.socket]], Mapping[str, int]],
+        mask: set[int | signal.Signals],
     ) -> _Worker:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):
@@ -193,7 +212,7 @@ class WorkerGroup:
                 counts = work(self.sockets[index])
                 os.write(write_end, json.dumps(dict(counts)).encode())
                 code = 0
-            except BaseException:
+            except BaseException:  # noqa: BLE001 - a worker reports anything, then exits 1
                 traceback.print_exc()
             finally:
                 for stream in (sys.stdout, sys.stderr):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from scripts import SCRIPTS
+
 from smtpproxy.auth import redact
 from smtpproxy.events import Command, Reply
 from smtpproxy.protocol import Conversation

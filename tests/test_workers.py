@@ -25,7 +25,9 @@ from conftest import AioServer, free_port, run_smtpproxy_once, smtpproxy_process
 from smtpproxy.events import MessageEnd
 from smtpproxy.recording import read_recording
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers share a port on Linux only")
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="workers share a port on Linux only"
+)
 
 
 def children(pid: int) -> list[int]:
@@ -60,7 +62,7 @@ def send_many(address: tuple[str, int], count: int) -> list[BaseException]:
         try:
             with smtplib.SMTP(*address, timeout=10) as client:
                 client.sendmail("ann@example.org", ["bob@example.net"], message(i))
-        except BaseException as exc:  # collected: the test asserts there are none
+        except BaseException as exc:  # noqa: BLE001 - collected: the test asserts there are none
             errors.append(exc)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
@@ -79,9 +81,13 @@ def record_args(rec_dir: Path, upstream: AioServer, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_two_workers_relay_and_record_every_message(tmp_path: Path, aiosmtpd_server: AioServer) -> None:
+def test_two_workers_relay_and_record_every_message(
+    tmp_path: Path, aiosmtpd_server: AioServer
+) -> None:
     rec_dir = tmp_path / "recordings"
-    with smtpproxy_process(*record_args(rec_dir, aiosmtpd_server, "--workers", "2"), cwd=tmp_path) as proxy:
+    with smtpproxy_process(
+        *record_args(rec_dir, aiosmtpd_server, "--workers", "2"), cwd=tmp_path
+    ) as proxy:
         assert "2 worker processes" in proxy.banner
         workers = wait_children(proxy.proc.pid, 2)
         assert len(workers) == 2
@@ -110,7 +116,9 @@ def test_two_workers_relay_and_record_every_message(tmp_path: Path, aiosmtpd_ser
 
 def test_a_killed_worker_is_started_again(tmp_path: Path, aiosmtpd_server: AioServer) -> None:
     rec_dir = tmp_path / "recordings"
-    with smtpproxy_process(*record_args(rec_dir, aiosmtpd_server, "--workers", "2"), cwd=tmp_path) as proxy:
+    with smtpproxy_process(
+        *record_args(rec_dir, aiosmtpd_server, "--workers", "2"), cwd=tmp_path
+    ) as proxy:
         first = wait_children(proxy.proc.pid, 2)
         time.sleep(2.2)  # workers that die young are not restarted (workers.MIN_LIFETIME)
         victim = first[0]
@@ -132,7 +140,9 @@ def test_a_killed_worker_is_started_again(tmp_path: Path, aiosmtpd_server: AioSe
 
 def test_sigkill_of_the_proxy_takes_its_workers(tmp_path: Path, aiosmtpd_server: AioServer) -> None:
     rec_dir = tmp_path / "recordings"
-    with smtpproxy_process(*record_args(rec_dir, aiosmtpd_server, "--workers", "2"), cwd=tmp_path) as proxy:
+    with smtpproxy_process(
+        *record_args(rec_dir, aiosmtpd_server, "--workers", "2"), cwd=tmp_path
+    ) as proxy:
         workers = wait_children(proxy.proc.pid, 2)
         assert len(workers) == 2
         done = proxy.finish(signal.SIGKILL)
@@ -146,10 +156,14 @@ def test_sigkill_of_the_proxy_takes_its_workers(tmp_path: Path, aiosmtpd_server:
         socket.create_connection(address, timeout=5).close()
 
 
-def test_a_port_taken_by_another_proxy_is_an_error(tmp_path: Path, aiosmtpd_server: AioServer) -> None:
+def test_a_port_taken_by_another_proxy_is_an_error(
+    tmp_path: Path, aiosmtpd_server: AioServer
+) -> None:
     """SO_REUSEPORT must not quietly share the port with a proxy already there."""
     rec_dir = tmp_path / "recordings"
-    with smtpproxy_process(*record_args(rec_dir, aiosmtpd_server, "--workers", "2"), cwd=tmp_path) as first:
+    with smtpproxy_process(
+        *record_args(rec_dir, aiosmtpd_server, "--workers", "2"), cwd=tmp_path
+    ) as first:
         port = first.port
         second = run_smtpproxy_once(
             "record", "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{aiosmtpd_server.port}",
@@ -161,7 +175,9 @@ def test_a_port_taken_by_another_proxy_is_an_error(tmp_path: Path, aiosmtpd_serv
     assert "Traceback" not in second.stderr
 
 
-def test_max_sessions_below_workers_means_one_process(tmp_path: Path, aiosmtpd_server: AioServer) -> None:
+def test_max_sessions_below_workers_means_one_process(
+    tmp_path: Path, aiosmtpd_server: AioServer
+) -> None:
     rec_dir = tmp_path / "recordings"
     args = record_args(rec_dir, aiosmtpd_server, "--workers", "4", "--max-sessions", "1")
     with smtpproxy_process(*args, cwd=tmp_path) as proxy:
