@@ -24,7 +24,7 @@ from .net import connect_reason, format_address, is_ip, tls_reason
 from .protocol import MAX_LINE, Conversation, format_reply
 from .recording import Recorder, new_session_id
 from .render import Transcript
-from .streams import BUFSIZE, receive, send_all
+from .streams import BUFSIZE, dial, receive, send_all
 from .summary import SessionSummary
 from .tls import ServerContexts, handshake_facts
 
@@ -260,7 +260,7 @@ class Session:
         reason = ""
         try:
             with trio.fail_after(cfg.connect_timeout):
-                self.streams[Side.SERVER] = await trio.open_tcp_stream(host, port)
+                self.streams[Side.SERVER] = await dial(host, port)
             return True
         except trio.TooSlowError:
             reason = f"no answer within {cfg.connect_timeout:g}s"

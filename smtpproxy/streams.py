@@ -10,11 +10,13 @@ the proxy's CPU per small message (see docs/performance.md).
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
+import socket
 
 import trio
 
-__all__ = ["BUFSIZE", "receive", "send_all"]
+__all__ = ["BUFSIZE", "dial", "receive", "send_all"]
 
 #: the most read from a leg at once
 BUFSIZE = 256 * 1024
@@ -75,6 +77,24 @@ async def send_all(stream: trio.abc.Stream, data: bytes | bytearray) -> None:
                 continue
             except OSError as exc:
                 raise _stream_error(exc) from (None if exc.errno in _CLOSED else exc)
+
+
+async def dial(host: str, port: int) -> trio.SocketStream:
+    """``trio.open_tcp_stream(host, port)``; an IP address is dialed with one
+    ``connect``, without the resolver and the happy-eyeballs nursery there is
+    nothing to choose between (one dial per session: it shows when every
+    message has its own connection)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    sock = trio.socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 #: errnos trio's SocketStream reports as a closed (not a broken) stream
