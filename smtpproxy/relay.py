@@ -33,7 +33,6 @@ __all__ = ["Proxy", "ProxyConfig"]
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class ProxyConfig:
     listen: tuple[str, int] = ("127.0.0.1", 2525)

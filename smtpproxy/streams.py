@@ -3,8 +3,8 @@
 ``receive`` and ``send_all`` are ``stream.receive_some(BUFSIZE)`` and
 ``stream.send_all(data)``. On a plain TCP leg (a ``trio.SocketStream``) they
 do what trio's socket does, without the layers around it; a TLS leg goes
-through its stream as usual. Measured with ``bench/run.py``: about a fifth of
-the proxy's CPU per small message (see docs/performance.md).
+through its stream as usual. This took about a fifth off the proxy's CPU
+per small message (docs/performance.md, "Changes that mattered").
 """
 
 from __future__ import annotations
