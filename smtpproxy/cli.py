@@ -36,7 +36,7 @@ from .replay import ReplayOptions, format_result, format_table, replay_all
 from .server import Sink, SinkConfig
 from .summary import SessionSummary, session_row
 from .tls import CertificateAuthority, ServerContexts, TlsFailure, client_context, default_home
-from .workers import WorkerGroup, default_count
+from .workers import WorkerGroup, plan
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -267,11 +267,8 @@ def record(
         strip_starttls=strip_starttls,
         redact=redact,
     )
-    count = min(workers or default_count(), max_sessions)
-    if upstream is None:
-        count = 1  # the embedded sink is a demo upstream: one process serves it
+    count, config.max_sessions = plan(workers, max_sessions, embedded=upstream is None)
     if count > 1:
-        config.max_sessions = max_sessions // count
         totals, ok = _record_in_workers(config, transcript, count, ca)
     else:
         proxy = Proxy(config, transcript)

@@ -41,7 +41,7 @@ from .events import (
     TlsEstablished,
     TlsStart,
 )
-from .protocol import MessageHead, auth_response_fields, command_fields, reply_fields
+from .protocol import MessageHeads, auth_response_fields, command_fields, reply_fields
 
 FORMAT = "smtpproxy-recording"
 VERSION = 1
@@ -308,7 +308,7 @@ def _dumps(obj: Mapping[str, Any]) -> str:
 def decode_event(d: Mapping[str, Any], headers: Callable[[], dict[str, str]] | None = None) -> Entry:
     """The inverse of :func:`encode_event`; raises KeyError/ValueError/TypeError.
     ``headers`` gives a ``message_end`` without them its headers (the
-    reader's ``_MessageHeads``); without it they are empty."""
+    reader's ``MessageHeads``); without it they are empty."""
     cls = _CLASSES[d["type"]]
     kwargs: dict[str, Any] = {}
     for f in _FIELDS[cls]:
@@ -374,41 +374,6 @@ def _check_types(cls: type, kwargs: Mapping[str, Any]) -> None:
             raise TypeError("auth.fields must be an object of strings")
 
 
-class _MessageHeads:
-    """Follows the events of a recording, in order, to know the start of
-    each message: a ``message_end`` line leaves out ``headers`` when they are
-    what this summarises (the header block of the message's data pieces), and
-    the reader derives them the same way. Writer and reader both use this
-    class; the writer checks and writes the headers whenever they differ."""
-
-    __slots__ = ("head",)
-
-    def __init__(self) -> None:
-        self.head = MessageHead()
-
-    def see(self, ev: Event) -> None:
-        kind = type(ev)
-        if kind is MessageData:
-            if not self.head.done:
-                self.head.add(ev.raw)
-        elif kind is MessageEnd or kind is TlsStart:
-            self.head = MessageHead()
-        elif kind is Command:
-            if ev.verb in _NEW_TRANSACTION:  # type: ignore[union-attr]
-                self.head = MessageHead()
-        elif kind is Reply:
-            r: Reply = ev  # type: ignore[assignment]
-            if (r.command == "DATA" and r.intermediate) or (r.command == "BDAT" and not 200 <= r.code < 300):
-                self.head = MessageHead()  # a new message starts, or a refused chunk ends one
-
-    def derived(self) -> dict[str, str]:
-        return self.head.headers()
-
-
-#: Commands that start a new transaction or none (RFC 5321 4.1.1.5, RFC 3030).
-_NEW_TRANSACTION = frozenset({"RSET", "EHLO", "HELO", "MAIL"})
-
-
 # -- writing ----------------------------------------------------------------
 
 
@@ -426,7 +391,7 @@ class Recorder:
         self.error: OSError | None = None
         self.dropped = 0
         self._start = clock_start
-        self._heads = _MessageHeads()
+        self._heads = MessageHeads()
         self._fd: int | None = os.open(
             path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600
         )
@@ -536,7 +501,7 @@ def read_recording(path: Path) -> Recording:
     entries: list[Entry] = []
     close: Close | None = None
     truncated = False
-    heads = _MessageHeads()
+    heads = MessageHeads()
     for lineno, line in enumerate(lines, 1):
         last = lineno == len(lines)
         if not line.strip():

@@ -24,7 +24,7 @@ from .net import connect_reason, format_address, is_ip, tls_reason
 from .protocol import MAX_LINE, Conversation, format_reply
 from .recording import Recorder, new_session_id
 from .render import Transcript
-from .streams import BUFSIZE, dial, receive, send_all
+from .streams import dial, receive, send_all
 from .summary import SessionSummary
 from .tls import ServerContexts, handshake_facts
 
@@ -519,7 +519,7 @@ class Session:
         await self._send(Side.SERVER, line)
         with trio.fail_after(self.proxy.config.handshake_timeout):
             while True:
-                data = await self.streams[Side.SERVER].receive_some(BUFSIZE)
+                data = await receive(self.streams[Side.SERVER])
                 if not data:
                     return None
                 for ev in conv.feed(Side.SERVER, data):

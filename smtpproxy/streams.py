@@ -13,6 +13,7 @@ import errno
 import ipaddress
 import os
 import socket
+from typing import NoReturn
 
 import trio
 
@@ -38,7 +39,7 @@ async def receive(stream: trio.abc.Stream) -> bytes | bytearray:
     except BlockingIOError:
         pass
     except OSError as exc:
-        raise _stream_error(exc) from (None if exc.errno in _CLOSED else exc)
+        _broken(exc)
     else:
         await trio.lowlevel.cancel_shielded_checkpoint()
         return data
@@ -49,7 +50,7 @@ async def receive(stream: trio.abc.Stream) -> bytes | bytearray:
         except BlockingIOError:
             continue
         except OSError as exc:
-            raise _stream_error(exc) from (None if exc.errno in _CLOSED else exc)
+            _broken(exc)
 
 
 async def send_all(stream: trio.abc.Stream, data: bytes | bytearray) -> None:
@@ -64,7 +65,7 @@ async def send_all(stream: trio.abc.Stream, data: bytes | bytearray) -> None:
     except BlockingIOError:
         sent = 0
     except OSError as exc:
-        raise _stream_error(exc) from (None if exc.errno in _CLOSED else exc)
+        _broken(exc)
     if sent == len(data):
         await trio.lowlevel.cancel_shielded_checkpoint()
         return
@@ -76,7 +77,7 @@ async def send_all(stream: trio.abc.Stream, data: bytes | bytearray) -> None:
             except BlockingIOError:
                 continue
             except OSError as exc:
-                raise _stream_error(exc) from (None if exc.errno in _CLOSED else exc)
+                _broken(exc)
 
 
 async def dial(host: str, port: int) -> trio.SocketStream:
@@ -101,7 +102,8 @@ async def dial(host: str, port: int) -> trio.SocketStream:
 _CLOSED = {errno.EBADF, errno.ENOTSOCK}
 
 
-def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+def _broken(exc: OSError) -> NoReturn:
+    """Raise what trio's SocketStream raises for ``exc``."""
     if exc.errno in _CLOSED:
-        return trio.ClosedResourceError("this socket was already closed")
-    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+        raise trio.ClosedResourceError("this socket was already closed") from None
+    raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc

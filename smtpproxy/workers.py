@@ -30,7 +30,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["WorkerGroup", "available", "default_count"]
+__all__ = ["WorkerGroup", "available", "default_count", "plan"]
 
 #: the listening backlog of each worker's socket
 BACKLOG = 4096
@@ -58,6 +58,15 @@ def default_count() -> int:
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
     return max(1, min(cores, 8))
+
+
+def plan(requested: int | None, max_sessions: int, embedded: bool) -> tuple[int, int]:
+    """(workers, sessions each): ``requested`` or one per core; never more
+    workers than sessions allowed, so the split (``max_sessions // workers``
+    each) never exceeds the limit; one process for the embedded upstream
+    (a demo server in that process)."""
+    count = 1 if embedded else min(requested or default_count(), max_sessions)
+    return count, max_sessions // count
 
 
 @dataclass

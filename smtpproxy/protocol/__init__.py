@@ -5,7 +5,15 @@
 trio, ssl or sockets.
 """
 
-from .conversation import GREETING, MAX_HOLD, MAX_LINE, MAX_PENDING, ClientState, Conversation
+from .conversation import (
+    GREETING,
+    MAX_HOLD,
+    MAX_LINE,
+    MAX_PENDING,
+    ClientState,
+    Conversation,
+    MessageHeads,
+)
 from .text import (
     MAX_HEADER,
     MessageHead,
@@ -32,6 +40,7 @@ __all__ = [
     "ClientState",
     "Conversation",
     "MessageHead",
+    "MessageHeads",
     "Unstuffer",
     "auth_response_fields",
     "command_fields",

@@ -39,7 +39,7 @@ from ..events import (
 )
 from .text import MessageHead, decode_line, enhanced_code, parse_capabilities, split_command
 
-__all__ = ["GREETING", "MAX_HOLD", "MAX_LINE", "MAX_PENDING", "ClientState", "Conversation"]
+__all__ = ["GREETING", "MAX_HOLD", "MAX_LINE", "MAX_PENDING", "ClientState", "Conversation", "MessageHeads"]
 
 #: Longest line the observer holds before it gives up on it (RFC 5321 allows
 #: 512 octets for a command and 1000 for a text line; servers may send more).
@@ -51,6 +51,9 @@ MAX_HOLD = 1024 * 1024
 MAX_PENDING = 1_000_000
 #: Verbs whose pending entry carries state (or is waited on).
 _STATEFUL = frozenset({"AUTH", "DATA", "STARTTLS", "BDAT"})
+#: Commands that start a new transaction or none (RFC 5321 4.1.1.5, RFC 3030):
+#: a message begun before them is dropped.
+_NEW_TRANSACTION = frozenset({"RSET", "EHLO", "HELO", "MAIL"})
 
 GREETING = "<greeting>"
 _TERM = b"\r\n.\r\n"
@@ -128,6 +131,39 @@ class _Message:
             via=self.via,
             complete=complete,
         )
+
+
+class MessageHeads:
+    """The header block of each message, found again from a Conversation's
+    events in order (``see`` each one): the message boundaries are the
+    Conversation's own (a 354, a refused BDAT chunk, a new transaction, the
+    end of a message, TLS). The recording writer and reader use it, so that a
+    ``message_end`` line can leave out headers the reader derives the same
+    way."""
+
+    __slots__ = ("head",)
+
+    def __init__(self) -> None:
+        self.head = MessageHead()
+
+    def see(self, ev: Event) -> None:
+        kind = type(ev)
+        if kind is MessageData:
+            if not self.head.done:
+                self.head.add(ev.raw)
+        elif kind is MessageEnd or kind is TlsStart:
+            self.head = MessageHead()
+        elif kind is Command:
+            if ev.verb in _NEW_TRANSACTION:  # type: ignore[union-attr]
+                self.head = MessageHead()
+        elif kind is Reply:
+            r: Reply = ev  # type: ignore[assignment]
+            if (r.command == "DATA" and r.intermediate) or (r.command == "BDAT" and not 200 <= r.code < 300):
+                self.head = MessageHead()  # a new message starts, or a refused chunk ends one
+
+    def derived(self) -> dict[str, str]:
+        """The headers of the message whose pieces were seen last."""
+        return self.head.headers()
 
 
 class Conversation:
@@ -383,7 +419,7 @@ class Conversation:
                     self._out.append(self._message.end(complete=True))
                     self._message = None
                     return
-        elif verb in ("RSET", "EHLO", "HELO", "MAIL"):
+        elif verb in _NEW_TRANSACTION:
             self._message = None  # a new transaction, or none (RFC 5321 4.1.1.5, RFC 3030)
         self._out.append(Command(raw, verb, arg, path, flags, auth))
         self._expect(pending)
