@@ -48,6 +48,21 @@ def require_program(name: str, package: str) -> str:
     return path
 
 
+def swaks_argv(host: str, port: int, message: Path, *args: str) -> list[str]:
+    """The swaks command line every peer test uses: ann@example.org to
+    bob@example.net, the message from ``message``, then ``args``."""
+    return [
+        require_program("swaks", "swaks"),
+        "--server", f"{host}:{port}",
+        "--helo", "client.example",
+        "--from", "ann@example.org",
+        "--to", "bob@example.net",
+        "--data", f"@{message}",
+        "--timeout", "10",
+        *args,
+    ]  # fmt: skip
+
+
 @dataclass
 class Received:
     """What the aiosmtpd server received."""

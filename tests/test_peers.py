@@ -19,7 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import AioServer, SmtpproxyProcess, free_port, require_program, smtpproxy_process
+from conftest import (
+    AioServer,
+    SmtpproxyProcess,
+    free_port,
+    require_program,
+    smtpproxy_process,
+    swaks_argv,
+)
 
 from smtpproxy.events import AuthResponse, AuthResult, Command, MessageData, MessageEnd, Reply, Side
 from smtpproxy.recording import Recording, read_recording
@@ -76,27 +83,17 @@ def upstream_for(request: pytest.FixtureRequest, name: str) -> AioServer | None:
 
 
 def swaks(proxy: SmtpproxyProcess, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    exe = require_program("swaks", "swaks")
     message = tmp_path / "message.eml"
     message.write_bytes(MESSAGE)
     return subprocess.run(
-        [
-            exe,
-            "--server", f"{proxy.host}:{proxy.port}",
-            "--helo", "client.example",
-            "--from", "ann@example.org",
-            "--to", "bob@example.net",
-            "--data", f"@{message}",
-            "--timeout", "10",
-            *args,
-        ],
+        swaks_argv(proxy.host, proxy.port, message, *args),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         check=False,
         text=True,
         errors="replace",
         timeout=30,
-    )  # fmt: skip
+    )
 
 
 def auth_args(mechanism: str) -> list[str]:

@@ -32,6 +32,7 @@ from conftest import (
     free_port,
     require_program,
     start_proxy,
+    swaks_argv,
     wait_for_sessions,
 )
 from cryptography import x509
@@ -249,21 +250,11 @@ def check_auth(rec: Recording, mechanism: str) -> None:
 
 def swaks(tmp_path: Path, *args: str) -> Callable[[int], list[str]]:
     """The swaks command line for a proxy port."""
-    exe = require_program("swaks", "swaks")
     message = tmp_path / "message.eml"
     message.write_bytes(MESSAGE)
 
     def argv(port: int) -> list[str]:
-        return [
-            exe,
-            "--server", f"127.0.0.1:{port}",
-            "--helo", "client.example",
-            "--from", "ann@example.org",
-            "--to", "bob@example.net",
-            "--data", f"@{message}",
-            "--timeout", "10",
-            *args,
-        ]  # fmt: skip
+        return swaks_argv("127.0.0.1", port, message, *args)
 
     return argv
 

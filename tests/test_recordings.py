@@ -38,6 +38,7 @@ from conftest import (
     require_program,
     smtpproxy_env,
     start_proxy,
+    swaks_argv,
     wait_for_sessions,
 )
 
@@ -170,29 +171,20 @@ def smtplib_client(
     return client
 
 
-def swaks_client(exe: str, tmp_path: Path, *args: str) -> Callable[[str, int], None]:
+def swaks_client(tmp_path: Path, *args: str) -> Callable[[str, int], None]:
     message = tmp_path / "swaks-message.eml"
     message.write_bytes(MESSAGE.replace(b"\r\n", b"\n"))
 
     def client(host: str, port: int) -> None:
         done = subprocess.run(
-            [
-                exe,
-                "--server", f"{host}:{port}",
-                "--helo", "client.example",
-                "--from", SENDER,
-                "--to", BOB,
-                "--data", f"@{message}",
-                "--timeout", "10",
-                *args,
-            ],
+            swaks_argv(host, port, message, *args),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             check=False,
             text=True,
             errors="replace",
             timeout=TIMEOUT,
-        )  # fmt: skip
+        )
         assert done.returncode == 0, done.stdout + done.stderr
 
     return client
@@ -409,11 +401,11 @@ async def test_replay_against_a_smaller_size_limit_stops_before_the_body(
 async def test_replay_of_a_pipelined_session_without_pipelining_sends_one_by_one(
     nursery: trio.Nursery, aio: StartAio, tmp_path: Path
 ) -> None:
-    swaks = require_program("swaks", "swaks")
+    require_program("swaks", "swaks")
     sink = await start_sink(nursery)
     a = aio()
     rec = await record_one(
-        nursery, tmp_path / "a", sink, swaks_client(swaks, tmp_path, "--pipeline")
+        nursery, tmp_path / "a", sink, swaks_client(tmp_path, "--pipeline")
     )
     saved = tmp_path / "saved"
     saved.mkdir()
@@ -700,10 +692,10 @@ async def test_replay_ends_a_data_the_recording_had_refused_with_an_empty_messag
 async def test_replay_sends_a_pipelined_group_in_one_write(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    swaks = require_program("swaks", "swaks")
+    require_program("swaks", "swaks")
     sink = await start_sink(nursery)
     rec = await record_one(
-        nursery, tmp_path / "a", sink, swaks_client(swaks, tmp_path, "--pipeline")
+        nursery, tmp_path / "a", sink, swaks_client(tmp_path, "--pipeline")
     )
     saved = tmp_path / "saved"
 

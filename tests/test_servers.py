@@ -37,6 +37,7 @@ from conftest import (
     smtpproxy_env,
     smtpproxy_process,
     start_proxy,
+    swaks_argv,
     wait_for_sessions,
 )
 from servers import (  # noqa: F401  (fixtures)
@@ -151,26 +152,16 @@ async def through_proxy(
 
 
 def swaks(tmp_path: Path, *args: str) -> Callable[[int], Awaitable[tuple[int, bytes]]]:
-    exe = require_program("swaks", "swaks")
     message = tmp_path / "message.eml"
     message.write_bytes(MESSAGE)
 
     async def run(port: int) -> tuple[int, bytes]:
         done = await trio.run_process(
-            [
-                exe,
-                "--server", f"127.0.0.1:{port}",
-                "--helo", "client.example",
-                "--from", "ann@example.org",
-                "--to", "bob@example.net",
-                "--data", f"@{message}",
-                "--timeout", "10",
-                *args,
-            ],
+            swaks_argv("127.0.0.1", port, message, *args),
             capture_stdout=True,
             capture_stderr=True,
             check=False,
-        )  # fmt: skip
+        )
         return done.returncode, done.stdout + done.stderr
 
     return run

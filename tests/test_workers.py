@@ -134,7 +134,9 @@ def test_a_killed_worker_is_started_again(tmp_path: Path, aiosmtpd_server: AioSe
 
     assert done.returncode == 1  # the run had a failure, and says so
     assert "worker 1 was killed by signal 9; started it again" in done.stderr
-    assert len(aiosmtpd_server.received.messages) == 8
+    got = sorted(m["content"] for m in aiosmtpd_server.received.messages)
+    assert got == sorted(message(i) for i in range(8))
+    assert len(list(rec_dir.glob("*.jsonl"))) == 8
     assert "8 session(s), 8 recording(s)" in done.stderr
 
 
