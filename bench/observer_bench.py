@@ -5,10 +5,12 @@
 
 Feeds the eight reads of one `small` message as smtp-source sends it (MAIL,
 RCPT, DATA, the 1 KiB body, and the four replies) through the protocol
-module, then hands the events to what the relay hands them to: the session
-summary, a real Recorder writing to a scratch file, and a quiet transcript.
-Prints microseconds per message (the best of three runs). No sockets, no trio:
-the part of the proxy's cost that is Python, per message.
+module, then hands the read and its events to what the relay hands them to:
+the session summary, a real Recorder writing to a scratch file, and a quiet
+transcript. Prints microseconds per message (the best of three runs), for the
+default recording layout (the reads are written) and the event layout that
+``--redact`` uses. No sockets, no trio: the part of the proxy's cost that is
+Python, per message.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ READS = [
 ]
 
 
-def run(messages: int, folder: Path) -> float:
+def run(messages: int, folder: Path, derive: bool = True) -> float:
     conv = Conversation()
     for side, data in [(S, b"220 sink ESMTP\r\n"), (C, b"HELO vm\r\n"), (S, b"250 sink\r\n")]:
         conv.feed(side, data)
@@ -57,6 +59,7 @@ def run(messages: int, folder: Path) -> float:
         f"b{time.monotonic_ns()}",
         dt.datetime.now(dt.UTC),
         0.0,
+        derive=derive,
         client="c",
         listen="l",
         upstream="u",
@@ -67,12 +70,12 @@ def run(messages: int, folder: Path) -> float:
     for i in range(messages):
         for side, data in READS:
             events = conv.feed(side, data)
+            recorder.feed(1.0 + i, side, data, events)
             if events:
                 summary.update(events)
-                recorder.write(1.0 + i, events)
                 transcript.events("b", events)
     elapsed = time.perf_counter() - start
-    recorder.close(2.0, "client", "done", summary.totals())
+    recorder.close(2.0, "client", "done")
     return elapsed / messages * 1e6
 
 
@@ -83,11 +86,13 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=10000)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="smtpproxy-observer-") as tmp:
-        run(1000, Path(tmp))  # warm up
-        best = min(run(args.messages, Path(tmp)) for _ in range(3))
-    print(
-        f"observer: {best:.1f} us per message (8 reads, 9 events; parse, summary, recorder, quiet transcript)"
-    )
+        for derive, layout in ((True, "reads written (default)"), (False, "events written (--redact)")):
+            run(1000, Path(tmp), derive)  # warm up
+            best = min(run(args.messages, Path(tmp), derive) for _ in range(3))
+            print(
+                f"observer, {layout}: {best:.1f} us per message "
+                "(8 reads, 9 events; parse, summary, recorder, quiet transcript)"
+            )
 
 
 if __name__ == "__main__":

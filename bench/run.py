@@ -23,7 +23,6 @@ to the bytes on the wire.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -171,13 +170,12 @@ def one_run(hop: str, wl: dict, scratch: Path) -> Run:
     counts = re.findall(r"mesg=(\d+)", out)
     run.delivered = int(counts[-1]) if counts else 0
     if hop in PROXIES and rec_dir.exists():
+        from smtpproxy.recording import read_recording  # the one reader: the totals are derived
+
         for f in rec_dir.glob("*.jsonl"):
             run.rec_bytes += f.stat().st_size
-            last = f.read_text(errors="replace").rstrip("\n").rsplit("\n", 1)[-1]
-            try:
-                totals = json.loads(last).get("totals", {})
-            except ValueError:
-                totals = {}
+            close = read_recording(f).close
+            totals = close.totals if close is not None else {}
             run.wire_bytes += totals.get("bytes_from_client", 0) + totals.get("bytes_from_server", 0)
         shutil.rmtree(rec_dir, ignore_errors=True)
     return run

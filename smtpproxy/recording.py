@@ -2,14 +2,25 @@
 
 A recording is JSON Lines, one file per client session:
 
-* line 1, the header: ``{"format": "smtpproxy-recording", "version": 1, ...}``;
-* then one line per event, in the order the proxy saw them, each with ``t``
-  (seconds since the session started), ``type`` and ``side``;
-* last, ``{"type": "close", ...}`` saying who closed and why, with totals.
+* line 1, the header: ``{"format": "smtpproxy-recording", "version": 2, ...}``;
+* then, in the order the proxy saw them, each with ``t`` (seconds since the
+  session started):
 
-The bytes an event was made from are in ``raw`` when they are valid UTF-8,
-else in ``raw_b64``. ``docs/recording-format.md`` documents the layout; this
-module is the only code that knows it.
+  - input lines, JSON arrays: what the session's ``Conversation`` was given,
+    ``[t, "c", "bytes the client sent"]``, ``[t, "s", ...]`` for the server
+    (``"c64"``/``"s64"``: base64) and ``[t, "tls_established"]`` /
+    ``[t, "implicit_tls"]``. The reader feeds them through a Conversation
+    again, which is deterministic, and so gets every SMTP event back;
+  - event lines, JSON objects with ``type``: what the Conversation cannot
+    derive (the proxy's notes, TLS handshakes), or every event when the
+    recording is redacted (``--redact`` rewrites events, not reads);
+
+* last, ``{"type": "close", ...}`` saying who closed and why; it also ends
+  the Conversation (what it held half read comes out).
+
+Version 1 files (event lines only, totals on the close line) read as before.
+``docs/recording-format.md`` documents the layout; this module is the only
+code that knows it.
 """
 
 from __future__ import annotations
@@ -41,10 +52,15 @@ from .events import (
     TlsEstablished,
     TlsStart,
 )
-from .protocol import MessageHeads, auth_response_fields, command_fields, reply_fields
+from .protocol import Conversation, MessageHeads, auth_response_fields, command_fields, reply_fields
+from .summary import SessionSummary
 
 FORMAT = "smtpproxy-recording"
-VERSION = 1
+VERSION = 2
+#: What input lines may say besides bytes: the Conversation's other calls.
+_CALLS = ("tls_established", "implicit_tls")
+_INPUT_KEYS = {Side.CLIENT: ("c", "c64"), Side.SERVER: ("s", "s64")}
+_INPUT_SIDES = {"c": Side.CLIENT, "s": Side.SERVER, "c64": Side.CLIENT, "s64": Side.SERVER}
 
 __all__ = [
     "FORMAT",
@@ -145,6 +161,8 @@ class Close:
     t: float
     by: str
     reason: str
+    #: the session's totals (``SessionSummary.totals()`` of its events), and
+    #: what else the writer put on the close line (replay: ``differences``)
     totals: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -297,6 +315,21 @@ def _message_end_line(t: float, ev: MessageEnd, derived: Mapping[str, str]) -> b
     return (line + "}\n").encode("utf-8")
 
 
+def _input_line(t: float, side: Side, data: bytes | bytearray) -> bytes:
+    """The input line for bytes ``side`` sent, as the Conversation read them:
+    ``[t,"c","..."]``, or ``"c64"`` with base64 when they are not UTF-8."""
+    text_key, b64_key = _INPUT_KEYS[side]
+    data = bytes(data)
+    inner = _fast_raw(data)
+    if inner is not None:
+        return f'[{round(t, 6)!r},"{text_key}","'.encode() + inner + b'"]\n'
+    try:
+        text = _str(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return f'[{round(t, 6)!r},"{b64_key}","{base64.b64encode(data).decode("ascii")}"]\n'.encode()
+    return f'[{round(t, 6)!r},"{text_key}",{text}]\n'.encode()
+
+
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _str = json.encoder.encode_basestring  # a JSON string, non-ASCII kept, as _ENCODER writes it
 
@@ -380,16 +413,25 @@ def _check_types(cls: type, kwargs: Mapping[str, Any]) -> None:
 class Recorder:
     """Writes one session's recording as it happens.
 
-    Each call to :meth:`write` is one ``write(2)`` of whole lines, with no
-    buffering in between, so a proxy killed at any moment leaves every
-    completed event on disk. A failing disk never raises into the relay: the
-    first error is kept in ``error`` and later writes are dropped and counted.
+    The caller reports the session's Conversation as it drives it: ``feed``
+    for each chunk of bytes it gave it, ``call`` for its ``tls_established``
+    and ``implicit_tls``, and ``write`` for events made outside it (notes,
+    TLS handshakes). By default (``derive``) the file holds the input, and
+    the reader derives the events from it again; with ``derive=False`` (what
+    ``--redact`` needs, since it rewrites events) the file holds every event
+    as it is.
+
+    Each report is one ``write(2)`` of whole lines, with no buffering in
+    between, so a proxy killed at any moment leaves every completed read on
+    disk. A failing disk never raises into the relay: the first error is
+    kept in ``error`` and later writes are dropped and counted.
     """
 
-    def __init__(self, path: Path, header: Header, clock_start: float) -> None:
+    def __init__(self, path: Path, header: Header, clock_start: float, derive: bool = True) -> None:
         self.path = path
         self.error: OSError | None = None
         self.dropped = 0
+        self.derive = derive
         self._start = clock_start
         self._heads = MessageHeads()
         self._fd: int | None = os.open(
@@ -409,7 +451,7 @@ class Recorder:
 
     @classmethod
     def create(
-        cls, folder: Path, session: str, now: _dt.datetime, clock_start: float, **header: Any
+        cls, folder: Path, session: str, now: _dt.datetime, clock_start: float, derive: bool = True, **header: Any
     ) -> Recorder:
         """A new recording in ``folder``, named so a listing sorts by start time."""
         stamp = now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"
@@ -427,6 +469,7 @@ class Recorder:
                 extra=extra,
             ),
             clock_start,
+            derive,
         )
 
     def _write_text(self, text: str) -> None:
@@ -453,8 +496,40 @@ class Recorder:
                 pass
             self._fd = None
 
+    def feed(
+        self, now: float, side: Side, data: bytes | bytearray, events: Sequence[Event], note: Note | None = None
+    ) -> None:
+        """The Conversation read ``data`` from ``side`` at clock time ``now``;
+        ``events`` is what the session reports for it. ``note``: the bytes
+        were the proxy's own, not the peer's (an answer it made itself), and
+        ``events`` has the note in place of the events made of them; the
+        reader feeds the note's ``raw`` and does the same."""
+        if not self.derive:
+            self.write(now, events)
+        elif note is not None:
+            line = _dumps({**encode_event(now - self._start, note), "fed": True}) + "\n"
+            self._write(line.encode("utf-8"))
+        elif data:
+            self._write(_input_line(now - self._start, side, data))
+
+    def call(self, now: float, name: str, events: Sequence[Event]) -> None:
+        """The Conversation's ``tls_established()`` or ``implicit_tls()``
+        (``name``) was called and gave ``events``. Its ``close()`` needs no
+        report: the close line stands for it."""
+        if name == "close":
+            if not self.derive:
+                self.write(now, events)
+            return
+        if name not in _CALLS:
+            raise ValueError(f"not a Conversation call a recording knows: {name!r}")
+        if self.derive:
+            self._write(f'[{round(now - self._start, 6)!r},"{name}"]\n'.encode())
+        else:
+            self.write(now, events)
+
     def write(self, now: float, events: Sequence[Event]) -> None:
-        """Append events seen at clock time ``now``."""
+        """Append events seen at clock time ``now`` that the reader cannot
+        derive (with ``derive``: only events made outside the Conversation)."""
         t = now - self._start
         heads = self._heads
         lines = []
@@ -467,10 +542,13 @@ class Recorder:
         if lines:
             self._write(lines[0] if len(lines) == 1 else b"".join(lines))
 
-    def close(self, now: float, by: str, reason: str, totals: Mapping[str, Any]) -> None:
-        """Write the close line and close the file."""
-        rec = {"t": round(now - self._start, 6), "type": "close", "by": by, "reason": reason}
-        rec["totals"] = dict(totals)
+    def close(self, now: float, by: str, reason: str, extra: Mapping[str, Any] | None = None) -> None:
+        """Write the close line and close the file. The session's totals are
+        not written (the reader counts them from the events); ``extra`` is
+        what else belongs with them."""
+        rec: dict[str, Any] = {"t": round(now - self._start, 6), "type": "close", "by": by, "reason": reason}
+        if extra:
+            rec["totals"] = dict(extra)
         self._write_text(_dumps(rec) + "\n")
         self._abandon()
 
@@ -483,6 +561,47 @@ class Recorder:
 
 #: Converters from older format versions, each taking one version up by one.
 _MIGRATIONS: dict[int, Any] = {}
+
+
+class _Inputs:
+    """The reader's Conversation: input lines are fed to it again, and the
+    events it gives take their place, at their time."""
+
+    def __init__(self) -> None:
+        self.conv = Conversation()
+
+    def line(self, item: list[Any]) -> list[Entry]:
+        """The events of one input line; raises ValueError/TypeError."""
+        if not 2 <= len(item) <= 3 or not isinstance(item[1], str):
+            raise ValueError("an input line is [t, kind] or [t, kind, bytes]")
+        t = item[0]
+        if not isinstance(t, (int, float)) or isinstance(t, bool):
+            raise TypeError("t must be a number")
+        kind = item[1]
+        if kind in _INPUT_SIDES:
+            if len(item) != 3 or not isinstance(item[2], str):
+                raise ValueError(f"a {kind!r} input line carries its bytes as a string")
+            data = base64.b64decode(item[2], validate=True) if kind.endswith("64") else item[2].encode("utf-8")
+            events = self.conv.feed(_INPUT_SIDES[kind], data)
+        elif kind == "tls_established" and len(item) == 2:
+            events = self.conv.tls_established()
+        elif kind == "implicit_tls" and len(item) == 2:
+            self.conv.implicit_tls()
+            events = []
+        else:
+            raise ValueError(f"unknown input line {kind!r}")
+        return [Entry(float(t), ev) for ev in events]
+
+    def fed_note(self, entry: Entry) -> list[Entry]:
+        """A note whose bytes the Conversation read as its side's (the proxy
+        answered for the server): the note stands for the events made of
+        them; the others (a TLS start, anomalies) come out as usual."""
+        note = entry.event
+        events = self.conv.feed(note.side, note.raw)
+        return [entry, *(Entry(entry.t, e) for e in events if not (e.raw and e.side is note.side))]
+
+    def close(self, t: float) -> list[Entry]:
+        return [Entry(t, ev) for ev in self.conv.close()]
 
 
 def read_recording(path: Path) -> Recording:
@@ -500,16 +619,18 @@ def read_recording(path: Path) -> Recording:
     header: Header | None = None
     entries: list[Entry] = []
     close: Close | None = None
+    written_totals: dict[str, Any] = {}
     truncated = False
     heads = MessageHeads()
+    inputs = _Inputs()
     for lineno, line in enumerate(lines, 1):
         last = lineno == len(lines)
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-            if not isinstance(obj, dict):
-                raise ValueError("not a JSON object")
+            if not isinstance(obj, (dict, list)):
+                raise ValueError("not a JSON object or input line")
         except ValueError as exc:
             if last and not ends_with_newline:
                 truncated = True
@@ -520,31 +641,38 @@ def read_recording(path: Path) -> Recording:
         if header is None:
             header = _read_header(path, obj)
             continue
+        what = "input line" if isinstance(obj, list) else "close line" if obj.get("type") == "close" else "event"
         try:
-            if obj.get("type") == "close":
+            if isinstance(obj, list):
+                if header.version < 2:
+                    raise ValueError(f"input lines are format version 2, this file says {header.version}")
+                new = inputs.line(obj)
+            elif obj.get("type") == "close":
                 totals = obj.get("totals", {})
                 if not isinstance(totals, dict):
                     raise TypeError("totals must be an object")
-                close = Close(
-                    t=float(obj.get("t", 0.0)),
-                    by=str(obj.get("by", "")),
-                    reason=str(obj.get("reason", "")),
-                    totals=totals,
-                )
-                continue
-            entry = decode_event(obj, heads.derived)
-            heads.see(entry.event)
-            entries.append(entry)
+                written_totals = totals
+                close = Close(t=float(obj.get("t", 0.0)), by=str(obj.get("by", "")), reason=str(obj.get("reason", "")))
+                new = inputs.close(close.t)
+            else:
+                entry = decode_event(obj, heads.derived)
+                new = inputs.fed_note(entry) if obj.get("fed") is True and type(entry.event) is Note else [entry]
         except (KeyError, ValueError, TypeError) as exc:
-            what = "close line" if obj.get("type") == "close" else "event"
             raise RecordingError(f"{path}:{lineno}: not a valid {what} ({exc})") from None
+        for entry in new:
+            heads.see(entry.event)
+        entries.extend(new)
     if header is None:
         raise RecordingError(f"{path}:1: empty file, not a recording")
+    if close is not None:
+        summary = SessionSummary()
+        summary.update(e.event for e in entries)
+        close = dataclasses.replace(close, totals={**summary.totals(), **written_totals})
     return Recording(Path(path), header, entries, close, truncated)
 
 
-def _read_header(path: Path, obj: Mapping[str, Any]) -> Header:
-    if obj.get("format") != FORMAT:
+def _read_header(path: Path, obj: Mapping[str, Any] | list[Any]) -> Header:
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise RecordingError(f"{path}:1: not an smtpproxy recording (no format header)")
     version = obj.get("version")
     if not isinstance(version, int) or isinstance(version, bool):

@@ -124,6 +124,7 @@ class Session:
                 self.id,
                 _dt.datetime.now(_dt.UTC),
                 self.start,
+                derive=not cfg.redact,  # redaction rewrites events, so those are what is written
                 client=self.peer,
                 listen=format_address(cfg.listen),
                 upstream=cfg.upstream_label or format_address(cfg.upstream),
@@ -145,12 +146,23 @@ class Session:
         except (OSError, ValueError):
             pass
 
-    def observe(self, events: list[Event], now: float | None = None) -> None:
+    def observe(
+        self,
+        events: list[Event],
+        now: float | None = None,
+        fed: tuple[Side, bytes | bytearray] | None = None,
+        call: str | None = None,
+        note: Note | None = None,
+    ) -> None:
         """Hand events to the summary, the recorder and the transcript
         (``now``: the clock time they were seen, if the caller has it).
-        Never raises: observing must not disturb relaying."""
-        if not events:
-            return
+        ``fed``: the Conversation gave them for these bytes (``note``: the
+        proxy's own, which the note stands for); ``call``: for this call of
+        its (``tls_established``, ``implicit_tls``, ``close``); neither:
+        they were made outside it. Never raises: observing must not disturb
+        relaying."""
+        if note is not None:
+            events = [note, *(e for e in events if not (e.raw and e.side is note.side))]
         if self.proxy.config.redact:
             events = [redact(e) for e in events]
         for ev in events:
@@ -162,14 +174,23 @@ class Session:
                     self._hello_reply = ev
             elif type(ev) is Command and ev.verb in ("EHLO", "HELO"):
                 self._last_hello = ev.raw
-        self.summary.update(events)
         rec = self.recorder
         if rec is not None:
-            rec.write(trio.current_time() if now is None else now, events)
+            if now is None:
+                now = trio.current_time()
+            if fed is not None:
+                rec.feed(now, fed[0], fed[1], events, note)
+            elif call is not None:
+                rec.call(now, call, events)
+            else:
+                rec.write(now, events)
             if rec.failed:
                 assert rec.error is not None
                 self._recorder_failed(rec.error)
                 self.recorder = None
+        if not events:
+            return
+        self.summary.update(events)
         try:
             self.transcript.events(self.id, events)
         except (OSError, ValueError):
@@ -217,14 +238,14 @@ class Session:
             if await self._start():
                 await self._relay()
         finally:
-            self.observe(self.conv.close())
+            self.observe(self.conv.close(), call="close")
             with trio.CancelScope(shield=True):
                 for stream in self.streams.values():
                     await trio.aclose_forcefully(stream)
             duration = trio.current_time() - self.start
             self._end("proxy", "proxy shutting down")
             if self.recorder is not None:
-                self.recorder.close(trio.current_time(), self.closed_by, self.reason, self.summary.totals())
+                self.recorder.close(trio.current_time(), self.closed_by, self.reason)
                 if self.recorder.failed:
                     assert self.recorder.error is not None
                     self._recorder_failed(self.recorder.error)
@@ -245,6 +266,7 @@ class Session:
             if not await self._client_handshake():
                 return False
             self.conv.implicit_tls()
+            self.observe([], call="implicit_tls")
         if not await self._connect():
             return False
         if cfg.upstream_tls == "implicit" or (cfg.upstream_tls == "mirror" and cfg.listen_tls):
@@ -362,7 +384,7 @@ class Session:
             return False
         if not await self._client_handshake():
             return False
-        self.observe(self.conv.tls_established())
+        self.observe(self.conv.tls_established(), call="tls_established")
         return True
 
     # -- relaying -----------------------------------------------------------
@@ -417,7 +439,7 @@ class Session:
                 self._activity = now = trio.current_time()
                 if side is Side.CLIENT:
                     self._client_tls_silent = False
-                self.observe(conv.feed(side, data), now)
+                self.observe(conv.feed(side, data), now, fed=(side, data))
                 if self._needs_care(side):
                     if not await self._with_care(side, data):
                         self._scope.cancel()
@@ -558,9 +580,8 @@ class Session:
         """``--upstream-tls plain``: answer the client's STARTTLS here and do
         not pass it on; the upstream leg stays in clear."""
         reply = format_reply(220, "2.0.0 Ready to start TLS (answered by smtpproxy)")
-        events = self.conv.feed(Side.SERVER, reply)
-        self.observe([Note(Side.SERVER, "proxy_reply", "STARTTLS answered by the proxy", reply)])
-        self.observe([e for e in events if not isinstance(e, Reply)])
+        note = Note(Side.SERVER, "proxy_reply", "STARTTLS answered by the proxy", reply)
+        self.observe(self.conv.feed(Side.SERVER, reply), fed=(Side.SERVER, reply), note=note)
         return await self._starttls(False, reply)
 
     def _strip_starttls(self, data: bytes | bytearray) -> bytes:

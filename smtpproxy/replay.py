@@ -103,16 +103,26 @@ class _Replayer:
 
     # -- I/O --------------------------------------------------------------
 
-    def _observe(self, events: list[Event]) -> None:
+    def _observe(
+        self, events: list[Event], fed: tuple[Side, bytes | bytearray] | None = None, call: str | None = None
+    ) -> None:
+        """Take the Conversation's events (``fed``: for these bytes; ``call``:
+        for this call of its; neither: events made here)."""
         for ev in events:
             if isinstance(ev, Reply):
                 self.replies.append(ev)
-        if self.recorder is not None and events:
-            self.recorder.write(trio.current_time(), events)
+        rec = self.recorder
+        if rec is not None:
+            if fed is not None:
+                rec.feed(trio.current_time(), fed[0], fed[1], events)
+            elif call is not None:
+                rec.call(trio.current_time(), call, events)
+            elif events:
+                rec.write(trio.current_time(), events)
 
     async def _send(self, data: bytes) -> None:
         assert self.stream is not None
-        self._observe(self.conv.feed(Side.CLIENT, data))
+        self._observe(self.conv.feed(Side.CLIENT, data), fed=(Side.CLIENT, data))
         try:
             await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -128,7 +138,7 @@ class _Replayer:
                     data = b""
                 if not data:
                     return None
-                self._observe(self.conv.feed(Side.SERVER, data))
+                self._observe(self.conv.feed(Side.SERVER, data), fed=(Side.SERVER, data))
             return self.replies.popleft()
         raise _Stop(f"no reply within {self.opts.timeout:g}s (--timeout)")
 
@@ -170,13 +180,14 @@ class _Replayer:
         except (OSError, trio.TooSlowError) as exc:
             self.result.error = f"cannot connect to {self.opts.label}: {connect_reason(exc)}"
             if self.recorder is not None:
-                self.recorder.close(trio.current_time(), "proxy", self.result.error, {})
+                self.recorder.close(trio.current_time(), "proxy", self.result.error)
             return self.result
         try:
             upstream = upstream_tls_of(self.rec)
             if self.opts.tls == "implicit" or (self.opts.tls == "auto" and upstream == "implicit"):
                 await self._handshake()
                 self.conv.implicit_tls()
+                self._observe([], call="implicit_tls")
             self._proxy_starttls = self.opts.tls == "auto" and upstream == "proxy-starttls"
             await self._follow(exs)
         except _Stop as stop:
@@ -187,7 +198,7 @@ class _Replayer:
         finally:
             if self.stream is not None:
                 await trio.aclose_forcefully(self.stream)
-            self._observe(self.conv.close())
+            self._observe(self.conv.close(), call="close")
             if self.recorder is not None:
                 self.recorder.close(trio.current_time(), "client", "replay finished", {"differences": self.result.differences})
         return self.result
@@ -270,7 +281,7 @@ class _Replayer:
         if ex.verb == "STARTTLS" or (ex.kind == "command" and ex.verb == "STARTTLS"):
             if reply.code == 220:
                 await self._handshake()
-                self._observe(self.conv.tls_established())
+                self._observe(self.conv.tls_established(), call="tls_established")
                 return nxt
             if recorded == 220:
                 raise _Stop("the target refused STARTTLS; the rest is not sent in clear")
@@ -301,7 +312,7 @@ class _Replayer:
         if reply is None or reply.code != 220:
             raise _Stop("the target refused STARTTLS, which the recorded upstream leg used; the rest is not sent in clear")
         await self._handshake()
-        self._observe(self.conv.tls_established())
+        self._observe(self.conv.tls_established(), call="tls_established")
         again = Exchange("command", ehlo.verb, ehlo.client)
         await self._send(ehlo.client)
         self.result.steps.append(Step(again, await self._reply(), True, [], "EHLO again over TLS"))

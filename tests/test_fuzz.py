@@ -415,6 +415,56 @@ def test_conversation_survives_any_bytes_in_any_chunking(
     assert _normalise(_upto_tls(chunked)) == _normalise(_upto_tls(whole))
 
 
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(parts=SCRIPT, data=st.data())
+def test_a_recording_gives_back_the_events_seen_live(
+    parts: list[tuple[Side, list[bytes | str]]], data: st.DataObject
+) -> None:
+    """Any bytes in any chunking, with the STARTTLS switch wherever a 220
+    came: the recording holds the reads, and reading it derives exactly the
+    events the live Conversation gave, piece for piece, at the same times."""
+    import datetime as dt
+    import tempfile
+
+    from smtpproxy.recording import Recorder, read_recording
+
+    script = _expand(parts)
+    if data.draw(st.booleans()):  # random bytes seldom make a STARTTLS: often start with one
+        script = [(S, b"220 hi\r\n"), (C, b"EHLO x\r\nSTARTTLS\r\n"), (S, b"250 x\r\n220 go\r\n"), *script]
+    cuts = [data.draw(st.lists(st.integers(0, len(piece)), max_size=6)) for _, piece in script]
+    with tempfile.TemporaryDirectory() as folder:
+        rec = Recorder.create(Path(folder), "h", dt.datetime.now(dt.UTC), 0.0, client="c", listen="l", upstream="u")
+        conv = Conversation()
+        seen: list[tuple[float, Event]] = []
+        clock = 0.0
+        for i, (side, piece) in enumerate(script):
+            start = 0
+            for cut in [*sorted(set(cuts[i])), len(piece)]:
+                if cut <= start:
+                    continue
+                clock += 0.25
+                events = conv.feed(side, piece[start:cut])
+                rec.feed(clock, side, piece[start:cut], events)
+                seen += [(clock, e) for e in events]
+                start = cut
+                if conv.server_tls and data.draw(st.booleans()):
+                    clock += 0.25
+                    events = conv.tls_established()
+                    rec.call(clock, "tls_established", events)
+                    seen += [(clock, e) for e in events]
+        clock += 0.25
+        events = conv.close()
+        rec.call(clock, "close", events)
+        rec.close(clock, "client", "done")
+        seen += [(clock, e) for e in events]
+        back = read_recording(rec.path)
+    assert [(e.t, e.event) for e in back.entries] == seen
+
+
 def _upto_tls(events: list[Event]) -> list[Event]:
     cut = next((i for i, e in enumerate(events) if isinstance(e, TlsStart)), len(events) - 1)
     return events[: cut + 1]

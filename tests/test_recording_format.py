@@ -8,7 +8,7 @@ import json
 from scripts import SCRIPTS
 
 from smtpproxy.auth import redact
-from smtpproxy.events import Command, Reply
+from smtpproxy.events import Command, Reply, Side
 from smtpproxy.protocol import Conversation
 from smtpproxy.recording import decode_event, encode_event
 
@@ -109,3 +109,134 @@ def test_message_headers_are_written_when_the_data_would_not_give_them(tmp_path)
     (end,) = [x for x in lines if x.get("type") == "message_end"]
     assert end["headers"] == {"Subject": "two"}
     assert back == odd
+
+
+# -- version 2: the input is written, the events are derived ------------------
+
+
+def _live(tmp_path, steps, derive=True, redacting=False):  # type: ignore[no-untyped-def]
+    """Drive a Conversation as the relay does and report it to a real
+    Recorder: ``steps`` are (side, bytes) reads, ``"implicit_tls"``,
+    ``"tls_established"``, ``("note", side, bytes)`` (bytes the proxy made
+    itself and fed as that side's) and ``("event", ev)`` (made outside the
+    Conversation). Returns (the events as seen live, with their times; the
+    recording read back)."""
+    import datetime as dt
+
+    from smtpproxy.events import Note
+    from smtpproxy.recording import Recorder, read_recording
+
+    conv = Conversation()
+    rec = Recorder.create(
+        tmp_path, "s", dt.datetime.now(dt.UTC), 100.0, derive=derive, client="c", listen="l", upstream="u"
+    )
+    seen = []
+    clock = 100.0
+
+    def tidy(events):  # type: ignore[no-untyped-def]
+        return [redact(e) for e in events] if redacting else list(events)
+
+    for step in steps:
+        clock += 0.001
+        if step in ("implicit_tls", "tls_established"):
+            if step == "implicit_tls":
+                conv.implicit_tls()
+                events = []
+            else:
+                events = tidy(conv.tls_established())
+            rec.call(clock, step, events)
+        elif step[0] == "note":
+            _, side, data = step
+            note = Note(side, "proxy_reply", "answered by the proxy", data)
+            events = tidy([note, *(e for e in conv.feed(side, data) if not (e.raw and e.side is side))])
+            rec.feed(clock, side, data, events, note)
+        elif step[0] == "event":
+            events = [step[1]]
+            rec.write(clock, events)
+        else:
+            side, data = step
+            events = tidy(conv.feed(side, data))
+            rec.feed(clock, side, data, events)
+        seen += [(round(clock - 100.0, 6), e) for e in events]
+    clock += 0.001
+    events = tidy(conv.close())
+    rec.call(clock, "close", events)
+    rec.close(clock, "client", "done")
+    seen += [(round(clock - 100.0, 6), e) for e in events]
+    return seen, read_recording(rec.path)
+
+
+def test_every_event_is_derived_again_from_the_recorded_input(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Each test conversation, written as its input and read back: the same
+    events at the same times as seen live, and the file holds nothing else."""
+    for name, script in SCRIPTS.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        seen, back = _live(folder, script)
+        assert [(e.t, e.event) for e in back.entries] == seen, name
+        lines = back.path.read_text().splitlines()
+        assert all(line.startswith("[") for line in lines[1:-1]), name
+        assert back.close is not None and back.close.totals["bytes_from_client"] == sum(
+            len(d) for s, d in script if s is Side.CLIENT
+        )
+
+
+def test_starttls_implicit_tls_and_the_proxys_own_reply_are_derived_again(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from smtpproxy.events import Note, Side, TlsEstablished
+
+    C, S = Side.CLIENT, Side.SERVER
+    steps = [
+        (S, b"220 mx\r\n"), (C, b"EHLO c\r\n"), (S, b"250-mx\r\n250 STARTTLS\r\n"),
+        # a client that does not wait: the plaintext after STARTTLS is flagged
+        (C, b"STARTTLS\r\nMAIL FROM:<evil@x>\r\n"),
+        ("note", S, b"220 2.0.0 Ready (answered by smtpproxy)\r\n"),
+        ("event", TlsEstablished(C, "TLSv1.3", "TLS_AES_256_GCM_SHA384")),
+        "tls_established",
+        (C, b"EHLO c\r\n"), (S, b"250-mx\r\n250 AUTH PLAIN\r\n"),
+        (C, b"AUTH PLAIN AHUAcA==\r\n"), (S, b"235 ok\r\n"),
+        (C, b"QUIT\r\n"), (S, b"221 bye\r\n"),
+        ("event", Note(S, "idle", "a note the proxy made")),
+    ]  # fmt: skip
+    seen, back = _live(tmp_path, steps)
+    assert [(e.t, e.event) for e in back.entries] == seen
+    kinds = [type(e.event).__name__ for e in back.entries]
+    assert "TlsStart" in kinds and "Anomaly" in kinds and "AuthResult" in kinds
+    assert back.raw(S).startswith(b"220 mx\r\n250-mx") and b"answered by smtpproxy" not in back.raw(S)
+    lines = [json.loads(x) for x in back.path.read_text().splitlines()[1:]]
+    (fed,) = [x for x in lines if isinstance(x, dict) and x.get("fed")]
+    assert fed["kind"] == "proxy_reply"
+    assert [x for x in lines if isinstance(x, list) and x[1] == "tls_established"]
+    # implicit TLS: AUTH is not "in clear"
+    (tmp_path / "implicit").mkdir()
+    seen, back = _live(tmp_path / "implicit", ["implicit_tls", *SCRIPTS["seed_auth_plain"]])
+    assert [(e.t, e.event) for e in back.entries] == seen
+    assert not [e for e in back.events() if type(e).__name__ == "Anomaly"]
+
+
+def test_a_redacted_recording_holds_events_and_no_secret(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    seen, back = _live(tmp_path, SCRIPTS["seed_auth_plain"], derive=False, redacting=True)
+    assert [(e.t, e.event) for e in back.entries] == seen
+    text = back.path.read_text()
+    assert "cGFzc3dvcmQ" not in text and "AHVzZXJAZG9tYWluLmNvbQBwYXNzd29yZA" not in text
+    assert all(line.startswith("{") for line in text.splitlines())
+
+
+def test_input_lines_split_anywhere_give_the_same_events(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Reads cut mid-line, mid-UTF-8 character and mid-terminator, and bytes
+    that are not UTF-8: written as they came, read back to the same events."""
+    from smtpproxy.events import Side
+
+    whole = b"".join(d for s, d in SCRIPTS["seed_plain"] if s is Side.CLIENT)
+    steps = []
+    stream = iter(SCRIPTS["seed_plain"])
+    for side, data in stream:
+        if side is Side.CLIENT and len(data) > 40:
+            data = data.replace(b"hitting", b"h\xc3\xa9tting \xff")
+            steps += [(side, data[i : i + 7]) for i in range(0, len(data), 7)]
+        else:
+            steps += [(side, data[:1]), (side, data[1:])]
+    seen, back = _live(tmp_path, steps)
+    assert [(e.t, e.event) for e in back.entries] == seen
+    lines = back.path.read_text().splitlines()
+    assert any('"c64"' in x for x in lines)
+    assert back.raw(Side.CLIENT) == whole.replace(b"hitting", b"h\xc3\xa9tting \xff")

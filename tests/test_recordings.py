@@ -873,12 +873,25 @@ async def test_show_a_file_and_its_raw_bytes_and_json(
         f": 1 accepted, 0 rejected, {up} B up, {down} B down, AUTH PLAIN {USER} ok"
     )
 
-    # --json: one event per line, each one JSON object, as many as in the file
+    # the file holds what each side sent, read by read ([t, "c"|"s", bytes]),
+    # and the close line; every event is derived from that when it is read
+    in_file = [json.loads(line) for line in rec.read_text("utf-8").splitlines()[1:]]
+    inputs = [x for x in in_file if isinstance(x, list)]
+    assert len(inputs) == len(in_file) - 1 and in_file[-1]["type"] == "close"
+    assert "".join(x[2] for x in inputs if x[1] == "c").encode() == bytes(sent)
+    assert "".join(x[2] for x in inputs if x[1] == "s").encode() == server.stdout
+    assert [x[0] for x in inputs] == sorted(x[0] for x in inputs)
+
+    # --json: one event per line, each one JSON object, every field written
     done = await cli(tmp_path, "show", "--json", str(rec))
     assert done.returncode == 0
     events = [json.loads(line) for line in done.lines]
-    in_file = [json.loads(line) for line in rec.read_text("utf-8").splitlines()[1:]]
-    assert [e["type"] for e in events] == [e["type"] for e in in_file if e["type"] != "close"]
+    kinds = [e["type"] for e in events]
+    assert kinds[:3] == ["reply", "command", "reply"] and kinds[-2:] == ["command", "reply"]
+    assert {"anomaly", "auth_result", "data", "message_end"} <= set(kinds)
+    (end,) = [e for e in events if e["type"] == "message_end"]
+    assert end["size"] == len(MESSAGE) and end["headers"]["Subject"] == "recordings"
+    assert [e["command"] for e in events if e["type"] == "reply"][:2] == ["<greeting>", "EHLO"]
     assert all(isinstance(e["t"], float) and e["side"] in ("client", "server") for e in events)
     assert "".join(e.get("raw", "") for e in events if e["side"] == "client").encode() == bytes(
         sent
@@ -1011,16 +1024,20 @@ def _insert(line: str, at: int = 3) -> Callable[[list[str]], list[str]]:
 
 def _newer(lines: list[str]) -> list[str]:
     header = json.loads(lines[0])
-    header["version"] = 2
+    header["version"] = 3
     return [json.dumps(header)] + lines[1:]
 
 
 #: name -> (how to damage the lines of a good recording, the line to name, what to say)
 DAMAGES: dict[str, tuple[Callable[[list[str]], list[str]], int | None, str]] = {
     "not JSON": (_insert('{"t": 0.1, "type": '), 4, "not valid JSON"),
-    "not an object": (_insert("[1, 2]"), 4, "not valid JSON (not a JSON object)"),
+    "not an object": (_insert('"EHLO x"'), 4, "not valid JSON (not a JSON object or input line)"),
     "no header": (lambda lines: lines[1:], 1, "not an smtpproxy recording"),
-    "newer version": (_newer, 1, "recording format version 2 is not supported"),
+    "newer version": (_newer, 1, "recording format version 3 is not supported"),
+    "unknown input": (_insert('[0.1, "x", "EHLO x\\r\\n"]'), 4, "not a valid input line (unknown input line 'x')"),
+    "input without bytes": (_insert('[0.1, "c"]'), 4, "not a valid input line (a 'c' input line carries"),
+    "input with bad base64": (_insert('[0.1, "c64", "!!"]'), 4, "not a valid input line"),
+    "input with a bad time": (_insert('["soon", "c", "x"]'), 4, "not a valid input line (t must be a number)"),
     "unknown event": (
         _insert('{"t": 0.1, "type": "bogus", "side": "client"}'),
         4,
