@@ -13,6 +13,8 @@ import signal
 import smtplib
 import socket
 import stat
+import subprocess
+import time
 from pathlib import Path
 
 from conftest import (
@@ -21,6 +23,7 @@ from conftest import (
     read_reply,
     run_smtpproxy_once,
     smtpproxy_process,
+    swaks_argv,
 )
 
 from smtpproxy.events import Command, MessageEnd, Note, Side
@@ -279,3 +282,52 @@ def test_sink_accepts_a_message_and_stops_on_sigterm(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
     assert "1 session(s), 1 message(s) accepted" in done.stderr
     assert not (set(os.listdir(tmp_path)) - {".smtpproxy-home"})  # the sink keeps nothing
+
+
+# -- what a recording shows is what the proxy showed live ------------------------
+
+
+def test_show_of_each_recording_prints_what_the_proxy_printed_live(tmp_path: Path) -> None:
+    """The recording holds the reads; ``show`` derives every event from them
+    again. Through the real command, for swaks pipelining after AUTH LOGIN,
+    for smtplib after STARTTLS, and for a client that types byte by byte:
+    every event line ``show`` prints is the line the live console printed."""
+    import ssl
+
+    rec_dir = tmp_path / "recordings"
+    message = tmp_path / "message.eml"
+    message.write_bytes(MESSAGE)
+    with smtpproxy_process(*record_args(free_port(), rec_dir), cwd=tmp_path) as proxy:
+        host, port = proxy.address
+        done = subprocess.run(
+            swaks_argv(host, port, message, "--pipeline", "--auth", "LOGIN", "--auth-user", "u", "--auth-password", "p"),
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout
+        ca = ssl.create_default_context(cafile=str(tmp_path / ".smtpproxy-home" / "smtpproxy-ca.pem"))
+        with smtplib.SMTP(host, port, timeout=10) as client:
+            client.starttls(context=ca)
+            client.sendmail("ann@example.org", ["bob@example.net"], MESSAGE)
+        with socket.create_connection(proxy.address, timeout=10) as typist:
+            typist.recv(1000)
+            for byte in b"HELO t\r\nNOOP\r\nQUIT\r\n":
+                typist.sendall(bytes([byte]))
+                time.sleep(0.002)
+            typist.settimeout(10)
+            while typist.recv(1000):
+                pass
+        live = proxy.finish(signal.SIGTERM)  # ends any session still open, with its summary
+    assert live.returncode == 0, live.stderr
+    paths = sorted(rec_dir.glob("*.jsonl"))
+    assert len(paths) == 3
+    for path in paths:
+        session = path.stem.rsplit("-", 1)[1]
+        printed = [x for x in live.stdout.splitlines() if x.startswith(f"[{session}] ")]
+        shown = run_smtpproxy_once("show", str(path), cwd=tmp_path)
+        assert shown.returncode == 0, shown.stderr
+        # the first and last lines differ by design: "connected" / the file's header, and the summary
+        assert printed[1:-1] == shown.stdout.splitlines()[1:-1], session
+        assert len(printed) > 8
+    assert "TLS with client" in live.stdout and "-> cA==   [password=\"p\"]" in live.stdout

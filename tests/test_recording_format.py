@@ -64,15 +64,18 @@ def test_the_quick_lines_are_the_lines_encode_event_gives() -> None:
 
 
 def recorded(tmp_path, events, name="r"):  # type: ignore[no-untyped-def]
-    """Write ``events`` with the real Recorder; (the file's lines, the events read back)."""
+    """Write ``events`` with the real Recorder in the event layout (what
+    ``--redact`` writes); (the file's lines, the events read back)."""
     import datetime as dt
 
     from smtpproxy.recording import Recorder, read_recording
 
-    rec = Recorder.create(tmp_path, name, dt.datetime.now(dt.UTC), 0.0, client="c", listen="l", upstream="u")
+    rec = Recorder.create(
+        tmp_path, name, dt.datetime.now(dt.UTC), 0.0, derive=False, client="c", listen="l", upstream="u"
+    )
     for ev in events:
         rec.write(1.0, [ev])
-    rec.close(2.0, "client", "done", {})
+    rec.close(2.0, "client", "done")
     lines = [json.loads(x) for x in rec.path.read_text().splitlines()]
     return lines, [e.event for e in read_recording(rec.path).entries]
 
@@ -240,3 +243,33 @@ def test_input_lines_split_anywhere_give_the_same_events(tmp_path) -> None:  # t
     lines = back.path.read_text().splitlines()
     assert any('"c64"' in x for x in lines)
     assert back.raw(Side.CLIENT) == whole.replace(b"hitting", b"h\xc3\xa9tting \xff")
+
+
+def test_a_version_1_recording_reads_as_before(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A file written by smtpproxy before format 2 (events, totals on the
+    close line): its events are the ones a Conversation reads from its bytes,
+    and an input line in it is refused."""
+    from pathlib import Path
+
+    from smtpproxy.recording import RecordingError, read_recording
+
+    v1 = Path(__file__).parent / "data" / "v1-smtplib-auth-plain.jsonl"
+    rec = read_recording(v1)
+    assert rec.header.version == 1 and rec.close is not None
+    assert rec.close.totals["bytes_from_client"] == len(rec.raw(Side.CLIENT)) == 155
+    assert rec.close.totals["auth"] == {"mechanism": "PLAIN", "user": "user@domain.com", "success": True}
+    conv = Conversation()
+    again = []
+    for e in rec.entries:
+        if e.event.raw:
+            again += conv.feed(e.event.side, e.event.raw)
+    assert [e.event for e in rec.entries] == again + conv.close()
+    bad = tmp_path / "v1-with-input.jsonl"
+    lines = v1.read_text().splitlines()
+    bad.write_text("\n".join([*lines[:2], '[0.1, "c", "NOOP\\r\\n"]', *lines[2:]]) + "\n")
+    try:
+        read_recording(bad)
+    except RecordingError as exc:
+        assert str(exc) == f"{bad}:3: not a valid input line (input lines are format version 2, this file says 1)"
+    else:
+        raise AssertionError("an input line in a version 1 file was read")
