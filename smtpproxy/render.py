@@ -75,10 +75,11 @@ class Transcript:
 
     def _emit(self, session: str, marker: str, text: str, role: str) -> None:
         head = f"[{session}] " if self._prefix else ""
-        line = f"{head}{marker} {text}"
-        if self._color:
-            line = click.style(line, fg=_COLORS[role])
-        self._out.write(line + "\n")
+        for part in text.split("\n"):  # a note quoting a multi-line reply: each line prefixed
+            line = f"{head}{marker} {part}"
+            if self._color:
+                line = click.style(line, fg=_COLORS[role])
+            self._out.write(line + "\n")
 
     def _flush(self) -> None:
         try:

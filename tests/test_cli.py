@@ -17,6 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from conftest import (
     SmtpproxyProcess,
     free_port,
@@ -331,3 +332,35 @@ def test_show_of_each_recording_prints_what_the_proxy_printed_live(tmp_path: Pat
         assert printed[1:-1] == shown.stdout.splitlines()[1:-1], session
         assert len(printed) > 8
     assert "TLS with client" in live.stdout and "-> cA==   [password=\"p\"]" in live.stdout
+
+
+@pytest.mark.parametrize("mode", ["plain", "starttls"])
+def test_show_prints_what_was_printed_live_when_the_proxy_speaks_itself(tmp_path: Path, mode: str) -> None:
+    """``--upstream-tls plain``: the proxy answers STARTTLS itself, and the
+    Conversation reads its 220 (the recording's fed note). ``starttls``: the
+    proxy upgrades the upstream with its own commands (notes). Upstream: a
+    second smtpproxy with its embedded sink, which offers STARTTLS."""
+    import ssl
+
+    with smtpproxy_process(*record_args(free_port(), tmp_path / "upstream", "--quiet"), cwd=tmp_path) as upstream:
+        ca = ssl.create_default_context(cafile=str(tmp_path / ".smtpproxy-home" / "smtpproxy-ca.pem"))
+        args = record_args(free_port(), tmp_path / "recordings", "--upstream", f"{upstream.host}:{upstream.port}")
+        with smtpproxy_process(*args, "--upstream-tls", mode, "--upstream-insecure", cwd=tmp_path) as proxy:
+            with smtplib.SMTP(*proxy.address, timeout=10) as client:
+                client.ehlo("client.example")
+                if mode == "plain":
+                    client.starttls(context=ca)
+                client.login("u", "p")
+                client.sendmail("ann@example.org", ["bob@example.net"], MESSAGE)
+            live = proxy.finish(signal.SIGTERM)
+        upstream.finish(signal.SIGTERM)
+    assert live.returncode == 0, live.stderr
+    (path,) = (tmp_path / "recordings").glob("*.jsonl")
+    session = path.stem.rsplit("-", 1)[1]
+    printed = [x for x in live.stdout.splitlines() if x.startswith(f"[{session}] ")]
+    shown = run_smtpproxy_once("show", str(path), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert printed[1:-1] == shown.stdout.splitlines()[1:-1]
+    assert "1 accepted" in printed[-1] and "1 accepted" in shown.stdout.splitlines()[-1]
+    proxy_made = "STARTTLS answered by the proxy" if mode == "plain" else "proxy sent upstream: STARTTLS"
+    assert f"[{session}] == {proxy_made}" in printed
