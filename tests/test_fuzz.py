@@ -369,6 +369,16 @@ def _normalise(events: list[Event]) -> list[object]:
     return out
 
 
+def _examples(count: int) -> Any:
+    """hypothesis settings for the observer tests: ``count`` examples, no
+    deadline (large pieces are slow on a busy machine)."""
+    return settings(
+        max_examples=count,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
 def _feed(script: list[tuple[Side, bytes]], cuts: list[list[int]] | None) -> list[Event]:
     conv = Conversation()
     events: list[Event] = []
@@ -389,11 +399,7 @@ def _feed(script: list[tuple[Side, bytes]], cuts: list[list[int]] | None) -> lis
     return events
 
 
-@settings(
-    max_examples=200,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@_examples(200)
 @given(parts=SCRIPT, data=st.data())
 def test_conversation_survives_any_bytes_in_any_chunking(
     parts: list[tuple[Side, list[bytes | str]]], data: st.DataObject
@@ -415,11 +421,7 @@ def test_conversation_survives_any_bytes_in_any_chunking(
     assert _normalise(_upto_tls(chunked)) == _normalise(_upto_tls(whole))
 
 
-@settings(
-    max_examples=150,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@_examples(150)
 @given(parts=SCRIPT, data=st.data())
 def test_a_recording_gives_back_the_events_seen_live(
     parts: list[tuple[Side, list[bytes | str]]], data: st.DataObject
