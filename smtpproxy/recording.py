@@ -74,6 +74,7 @@ __all__ = [
     "ensure_private_dir",
     "iter_recordings",
     "new_session_id",
+    "note_in_place",
     "read_recording",
 ]
 
@@ -566,6 +567,14 @@ class Recorder:
 _MIGRATIONS: dict[int, Any] = {}
 
 
+def note_in_place(note: Note, events: Sequence[Event]) -> list[Event]:
+    """``note`` in place of the events the Conversation made of its bytes
+    (the proxy's own, read as ``note.side``'s): the note first, then the
+    events not made of them (a TLS start, anomalies). The relay reports a
+    proxy-made reply this way and the reader derives the same from a fed note."""
+    return [note, *(e for e in events if not (e.raw and e.side is note.side))]
+
+
 class _Inputs:
     """The reader's Conversation: input lines are fed to it again, and the
     events it gives take their place, at their time."""
@@ -600,8 +609,8 @@ class _Inputs:
         answered for the server): the note stands for the events made of
         them; the others (a TLS start, anomalies) come out as usual."""
         note = entry.event
-        events = self.conv.feed(note.side, note.raw)
-        return [entry, *(Entry(entry.t, e) for e in events if not (e.raw and e.side is note.side))]
+        assert isinstance(note, Note)
+        return [Entry(entry.t, e) for e in note_in_place(note, self.conv.feed(note.side, note.raw))]
 
     def close(self, t: float) -> list[Entry]:
         return [Entry(t, ev) for ev in self.conv.close()]

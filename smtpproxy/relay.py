@@ -22,7 +22,7 @@ from .auth import redact
 from .events import Command, Event, Note, Reply, Side, TlsEstablished
 from .net import connect_reason, format_address, is_ip, tls_reason
 from .protocol import MAX_LINE, Conversation, format_reply
-from .recording import Recorder, new_session_id
+from .recording import Recorder, new_session_id, note_in_place
 from .render import Transcript
 from .streams import dial, receive, send_all
 from .summary import SessionSummary
@@ -162,7 +162,7 @@ class Session:
         they were made outside it. Never raises: observing must not disturb
         relaying."""
         if note is not None:
-            events = [note, *(e for e in events if not (e.raw and e.side is note.side))]
+            events = note_in_place(note, events)
         if self.proxy.config.redact:
             events = [redact(e) for e in events]
         for ev in events:

@@ -127,7 +127,7 @@ def _live(tmp_path, steps, derive=True, redacting=False):  # type: ignore[no-unt
     import datetime as dt
 
     from smtpproxy.events import Note
-    from smtpproxy.recording import Recorder, read_recording
+    from smtpproxy.recording import Recorder, note_in_place, read_recording
 
     conv = Conversation()
     rec = Recorder.create(
@@ -151,7 +151,7 @@ def _live(tmp_path, steps, derive=True, redacting=False):  # type: ignore[no-unt
         elif step[0] == "note":
             _, side, data = step
             note = Note(side, "proxy_reply", "answered by the proxy", data)
-            events = tidy([note, *(e for e in conv.feed(side, data) if not (e.raw and e.side is side))])
+            events = tidy(note_in_place(note, conv.feed(side, data)))
             rec.feed(clock, side, data, events, note)
         elif step[0] == "event":
             events = [step[1]]
