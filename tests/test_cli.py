@@ -361,6 +361,9 @@ def test_show_prints_what_was_printed_live_when_the_proxy_speaks_itself(tmp_path
     shown = run_smtpproxy_once("show", str(path), cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     assert printed[1:-1] == shown.stdout.splitlines()[1:-1]
+    # a note quoting the upstream's multi-line EHLO reply keeps the prefix on every line
+    assert all(x.startswith(f"[{session}] ") for x in shown.stdout.splitlines()[1:])
+    assert len([x for x in live.stdout.splitlines() if x.strip() and not x.startswith("[")]) == 0
     assert "1 accepted" in printed[-1] and "1 accepted" in shown.stdout.splitlines()[-1]
     proxy_made = "STARTTLS answered by the proxy" if mode == "plain" else "proxy sent upstream: STARTTLS"
     assert f"[{session}] == {proxy_made}" in printed
