@@ -297,6 +297,9 @@ async def test_replay_against_the_recorded_server_matches_and_diffs_equal(
     assert "!!" not in done.stdout
     (replayed,) = saved.glob("*.jsonl")
     assert f"replay of {hostport(a.address)} saved to {replayed}" in done.stderr
+    close = read_recording(replayed).close
+    assert close is not None and close.totals["differences"] == 0  # written: the events cannot give it
+    assert close.totals["messages_accepted"] == 1 and close.totals["auth"]["user"] == USER  # derived
 
     # the server got the same message twice, as the same user
     first, second = a.received.messages
