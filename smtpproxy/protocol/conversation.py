@@ -239,14 +239,12 @@ class Conversation:
         self.capabilities = {}
         self._cbuf.clear()
         if self._sbuf:
-            self._anomaly(
+            self._injected(
                 Side.SERVER,
-                "starttls_injection",
+                self._sbuf,
                 "server sent plaintext after its 220 to STARTTLS; not carried into TLS",
-                once=False,
+                "plaintext after 220 to STARTTLS",
             )
-            self._out.append(Opaque(Side.SERVER, bytes(self._sbuf), "plaintext after 220 to STARTTLS"))
-            self._sbuf.clear()
         self._pending.clear()
         self._waiting_on = None
         self._message = None
@@ -318,6 +316,14 @@ class Conversation:
             return
         self._anomalies.add(key)
         self._out.append(Anomaly(side, kind, detail))
+
+    def _injected(self, side: Side, held: bytearray, detail: str, reason: str) -> None:
+        """Plaintext ``side`` sent around a STARTTLS that must not be carried
+        into TLS (RFC 3207 section 6): flagged every time, given back as
+        opaque, and dropped from the buffer."""
+        self._anomaly(side, "starttls_injection", detail, once=False)
+        self._out.append(Opaque(side, bytes(held), reason))
+        held.clear()
 
     def _too_long(self, side: Side, raw: bytes) -> None:
         if side is Side.SERVER and self._reply_raw:
@@ -637,14 +643,12 @@ class Conversation:
         if release is ClientState.TLS:
             self._release(release)
             if self._cbuf:
-                self._anomaly(
+                self._injected(
                     Side.CLIENT,
-                    "starttls_injection",
+                    self._cbuf,
                     "plaintext sent after STARTTLS before the 220 reply (CVE-2011-0411 class)",
-                    once=False,
+                    "plaintext pipelined after STARTTLS",
                 )
-                self._out.append(Opaque(Side.CLIENT, bytes(self._cbuf), "plaintext pipelined after STARTTLS"))
-                self._cbuf.clear()
         elif release is not None:
             self._release(release)
             if self._cbuf:
