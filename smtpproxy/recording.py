@@ -500,6 +500,23 @@ class Recorder:
                 pass
             self._fd = None
 
+    def report(
+        self,
+        now: float,
+        events: Sequence[Event],
+        fed: tuple[Side, bytes | bytearray] | None = None,
+        call: str | None = None,
+        note: Note | None = None,
+    ) -> None:
+        """One report of a session's observer: ``fed`` (side, bytes) for
+        :meth:`feed`, ``call`` for :meth:`call`, neither for :meth:`write`."""
+        if fed is not None:
+            self.feed(now, fed[0], fed[1], events, note)
+        elif call is not None:
+            self.call(now, call, events)
+        elif events:
+            self.write(now, events)
+
     def feed(
         self, now: float, side: Side, data: bytes | bytearray, events: Sequence[Event], note: Note | None = None
     ) -> None:

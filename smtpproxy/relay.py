@@ -176,14 +176,7 @@ class Session:
                 self._last_hello = ev.raw
         rec = self.recorder
         if rec is not None:
-            if now is None:
-                now = trio.current_time()
-            if fed is not None:
-                rec.feed(now, fed[0], fed[1], events, note)
-            elif call is not None:
-                rec.call(now, call, events)
-            else:
-                rec.write(now, events)
+            rec.report(trio.current_time() if now is None else now, events, fed, call, note)
             if rec.failed:
                 assert rec.error is not None
                 self._recorder_failed(rec.error)

@@ -111,14 +111,8 @@ class _Replayer:
         for ev in events:
             if isinstance(ev, Reply):
                 self.replies.append(ev)
-        rec = self.recorder
-        if rec is not None:
-            if fed is not None:
-                rec.feed(trio.current_time(), fed[0], fed[1], events)
-            elif call is not None:
-                rec.call(trio.current_time(), call, events)
-            elif events:
-                rec.write(trio.current_time(), events)
+        if self.recorder is not None:
+            self.recorder.report(trio.current_time(), events, fed, call)
 
     async def _send(self, data: bytes) -> None:
         assert self.stream is not None
