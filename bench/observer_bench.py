@@ -56,7 +56,7 @@ def run(messages: int, folder: Path, derive: bool = True) -> float:
         conv.feed(side, data)
     recorder = Recorder.create(
         folder,
-        f"b{time.monotonic_ns()}",
+        f"{time.monotonic_ns() % 2**64:016x}",
         dt.datetime.now(dt.UTC),
         0.0,
         derive=derive,

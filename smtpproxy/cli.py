@@ -6,11 +6,12 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import stat
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,7 +32,7 @@ from .recording import (
     read_recording,
 )
 from .relay import Proxy, ProxyConfig
-from .render import Transcript
+from .render import Transcript, json_visible, visible
 from .replay import ReplayOptions, format_result, format_table, replay_all
 from .server import Sink, SinkConfig
 from .summary import SessionSummary, session_row
@@ -458,6 +459,15 @@ class RecordingProblem(click.ClickException):
 
     exit_code = 2
 
+    def __init__(self, message: str) -> None:
+        super().__init__(visible(message))
+
+
+def _echo(text: str = "", err: bool = False) -> None:
+    """Print a line whose text may hold what a peer or a file said: control
+    characters are made visible (render.visible)."""
+    click.echo(visible(text), err=err)
+
 
 def _read(path: Path) -> Recording:
     try:
@@ -473,61 +483,113 @@ def _paths(paths: tuple[Path, ...]) -> list[Path]:
     return files
 
 
+class _Readable:
+    """Reads the recordings of a command that takes several: one that cannot
+    be read is reported on stderr and skipped, and the command goes on with
+    the others. ``done`` ends it: exit 2 when none could be read, 1 when
+    some could not."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
+        self.unreadable = 0
+
+    def __iter__(self) -> Iterator[Recording]:
+        for f in self.files:
+            try:
+                yield read_recording(f)
+            except RecordingError as exc:
+                self.unreadable += 1
+                _echo(f"Error: {exc}" + (" (skipped)" if len(self.files) > 1 else ""), err=True)
+
+    def done(self, ctx: click.Context) -> None:
+        if self.unreadable == len(self.files):
+            ctx.exit(2)
+        if self.unreadable:
+            _echo(f"{self.unreadable} of {len(self.files)} recording(s) could not be read", err=True)
+            ctx.exit(1)
+
+
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--show-body", is_flag=True, help="Print message bodies.")
-@click.option("--raw", "raw", is_flag=True, help="Write the exact bytes one side sent (with --side).")
+@click.option("--raw", "raw", is_flag=True, help="Write the exact bytes one side sent (with --side); "
+              "to a terminal, with control characters made visible.")
 @click.option("--side", type=click.Choice(["client", "server"]), help="Which side's bytes --raw writes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the events as JSON Lines.")
 @color_option
+@click.pass_context
 def show(
-    paths: tuple[Path, ...], show_body: bool, raw: bool, side: str | None, as_json: bool, color: bool | None
+    ctx: click.Context,
+    paths: tuple[Path, ...],
+    show_body: bool,
+    raw: bool,
+    side: str | None,
+    as_json: bool,
+    color: bool | None,
 ) -> None:
-    """Show recordings: a file as its transcript, a folder as one row per session."""
+    """Show recordings: a file as its transcript, a folder as one row per session.
+    A recording that cannot be read is reported and skipped (exit 1)."""
     if raw and side is None:
         raise click.UsageError("--raw needs --side client or --side server")
     if side is not None and not raw:
         raise click.UsageError("--side goes with --raw")
     single = len(paths) == 1 and not paths[0].is_dir()
     files = _paths(paths)
+    if not raw and not as_json and (single or all(not p.is_dir() for p in paths) and len(files) == 1):
+        _show_one(_read(files[0]), color, show_body)
+        return
+    readable = _Readable(files)
     if raw:
         out = sys.stdout.buffer
-        for f in files:
-            out.write(_read(f).raw(Side(side)))
+        terminal = sys.stdout.isatty()
+        for rec in readable:
+            data = rec.raw(Side(side))
+            if terminal:
+                data = "".join(visible(line) + "\n" for line in _lines(data)).encode()
+            out.write(data)
         out.flush()
-        return
-    if as_json:
-        for f in files:
-            rec = _read(f)
+    elif as_json:
+        for rec in readable:
             for entry in rec.entries:
-                click.echo(json.dumps(encode_event(entry.t, entry.event, full=True), ensure_ascii=False))
-        return
-    if single or all(not p.is_dir() for p in paths) and len(files) == 1:
-        rec = _read(files[0])
-        transcript = _transcript(color, show_body=show_body)
-        click.echo(
-            f"session {rec.header.session} started {rec.header.start}: client {rec.header.client}, "
-            f"upstream {rec.header.upstream}"
-        )
-        for entry in rec.entries:
-            transcript.events(rec.header.session, [entry.event])
-        summary = SessionSummary()
-        summary.update(rec.events())
-        if rec.close is not None:
-            ended = f"closed by {rec.close.by} ({rec.close.reason}) after {rec.close.t:.2f}s"
-        else:
-            ended = "no close line: the proxy was stopped mid-session"
-        if rec.truncated:
-            ended += "; the last line was cut short"
-        transcript.summary(rec.header.session, f"{ended}: {summary.describe()}")
-        return
-    rows = [session_row(_read(f)) for f in files]
-    rows.sort(key=lambda r: r[0])
-    headers = ("start", "session", "client", "upstream", "TLS", "AUTH", "accepted", "rejected", "ended", "seconds")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+                click.echo(json_visible(json.dumps(encode_event(entry.t, entry.event, full=True), ensure_ascii=False)))
+    else:
+        rows = [[visible(cell) for cell in session_row(rec)] for rec in readable]
+        rows.sort(key=lambda r: r[0])
+        headers = ("start", "session", "client", "upstream", "TLS", "AUTH", "accepted", "rejected", "ended", "seconds")
+        widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+        if rows:
+            click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+        for r in rows:
+            click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    readable.done(ctx)
+
+
+def _lines(data: bytes) -> list[str]:
+    """``data`` as text lines without their line ends (for a terminal)."""
+    text = data.decode("utf-8", errors="backslashreplace")
+    lines = re.split(r"\r?\n", text)
+    if lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def _show_one(rec: Recording, color: bool | None, show_body: bool) -> None:
+    transcript = _transcript(color, show_body=show_body)
+    _echo(
+        f"session {rec.header.session} started {rec.header.start}: client {rec.header.client}, "
+        f"upstream {rec.header.upstream}"
+    )
+    for entry in rec.entries:
+        transcript.events(rec.header.session, [entry.event])
+    summary = SessionSummary()
+    summary.update(rec.events())
+    if rec.close is not None:
+        ended = f"closed by {rec.close.by} ({rec.close.reason}) after {rec.close.t:.2f}s"
+    else:
+        ended = "no close line: the proxy was stopped mid-session"
+    if rec.truncated:
+        ended += "; the last line was cut short"
+    transcript.summary(rec.header.session, f"{ended}: {summary.describe()}")
 
 
 @main.command()
@@ -584,7 +646,7 @@ def replay(
     results = trio.run(replay_all, rec, options)
     lines = format_result(results[0]) if len(results) == 1 else format_table(results, exchanges_of(rec))
     for line in lines:
-        click.echo(line)
+        _echo(line)
     if any(r.error for r in results):
         raise RecordingProblem("; ".join(r.error for r in results if r.error))
     for r in results:
@@ -607,7 +669,7 @@ def diff(a: Path, b: Path, strict: bool, as_json: bool) -> None:
     tls_a, tls_b = tls_facts(ra.events()), tls_facts(rb.events())
     if as_json:
         click.echo(
-            json.dumps(
+            json_visible(json.dumps(
                 {
                     "a": str(a),
                     "b": str(b),
@@ -617,14 +679,14 @@ def diff(a: Path, b: Path, strict: bool, as_json: bool) -> None:
                 },
                 indent=2,
                 ensure_ascii=False,
-            )
+            ))
         )
     else:
         if diffs:
             for line in format_unified(str(a), str(b), diffs):
-                click.echo(line)
+                _echo(line)
         if tls_a.get("server") != tls_b.get("server"):
-            click.echo(f"TLS with the server: {tls_a.get('server', 'none')} -> {tls_b.get('server', 'none')}")
+            _echo(f"TLS with the server: {tls_a.get('server', 'none')} -> {tls_b.get('server', 'none')}")
         click.echo(f"{count} exchanges, {len(diffs)} differ")
     if diffs:
         sys.exit(1)
@@ -634,16 +696,33 @@ def diff(a: Path, b: Path, strict: bool, as_json: bool) -> None:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--eml", "folder", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the .eml files and their envelope .json files.")
-def export(paths: tuple[Path, ...], folder: Path) -> None:
+@click.option("--force", is_flag=True, help="Replace files of the same name already in the folder.")
+@click.pass_context
+def export(ctx: click.Context, paths: tuple[Path, ...], folder: Path, force: bool) -> None:
     """Write each message in the recordings as an .eml file (exactly what the
-    server received), with its envelope in a .json file beside it."""
+    server received), with its envelope in a .json file beside it. Names are
+    SESSION-N.eml; an existing file is kept unless --force. A recording that
+    cannot be read, or a file that cannot be written, is reported and the
+    others go on (exit 1)."""
     total = 0
-    for f in _paths(paths):
+    refused = 0
+    taken: set[str] = set()
+    readable = _Readable(_paths(paths))
+    for rec in readable:
         try:
-            written = export_recording(_read(f), folder)
+            written, problems = export_recording(rec, folder, force, taken)
         except OSError as exc:
-            raise click.ClickException(f"cannot write to {folder}: {exc.strerror or exc}") from None
+            raise click.ClickException(visible(f"cannot write to {folder}: {exc.strerror or exc}")) from None
         total += len(written)
+        refused += len(problems)
         for path in written:
-            click.echo(str(path))
-    click.echo(f"{total} message(s) exported to {folder}/", err=True)
+            _echo(str(path))
+        for problem in problems:
+            _echo(f"Error: {problem}", err=True)
+    if readable.unreadable < len(readable.files):
+        _echo(f"{total} message(s) exported to {folder}/", err=True)
+    if refused:
+        _echo(f"{refused} message(s) not exported", err=True)
+    readable.done(ctx)
+    if refused:
+        ctx.exit(1)

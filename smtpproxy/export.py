@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from .events import Reply
 from .protocol import Unstuffer, parse_path
 from .recording import Recording
 
-__all__ = ["ExportedMessage", "export_recording", "messages"]
+__all__ = ["ExportRefused", "ExportedMessage", "export_recording", "messages"]
 
 
 @dataclass
@@ -91,22 +92,77 @@ def _path(line: str) -> str | None:
     return parse_path(arg)
 
 
-def export_recording(rec: Recording, folder: Path) -> list[Path]:
-    """Write ``<session>-<n>.eml`` and ``<session>-<n>.json`` for each message."""
+class ExportRefused(Exception):
+    """One file export will not write; the message names it and the fix."""
+
+
+#: The only names export writes: a session id (the reader accepts only the
+#: proxy's hex form), a message number and a suffix. No separator, no dot
+#: from the recording, so a name cannot leave the folder or choose a suffix.
+_NAME = re.compile(r"[0-9a-f]{8,32}-[0-9]{3,}\.(?:eml|json)")
+
+
+def export_recording(
+    rec: Recording, folder: Path, force: bool = False, taken: set[str] | None = None
+) -> tuple[list[Path], list[ExportRefused]]:
+    """Write ``<session>-<n>.eml`` and ``<session>-<n>.json`` for each message
+    into ``folder`` (created 0700). Files are created new, never through a
+    symlink; an existing one is replaced only with ``force``, and never one
+    this export wrote already (``taken``, shared across the recordings of one
+    run: two recordings claiming the same session). Returns the ``.eml``
+    paths written and what was refused."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    written = []
-    for n, msg in enumerate(messages(rec), 1):
-        stem = folder / f"{rec.header.session}-{n:03d}"
-        eml = stem.with_suffix(".eml")
-        _write(eml, msg.content)
-        env = {"session": rec.header.session, "recording": str(rec.path), "message": n, **msg.envelope()}
-        _write(stem.with_suffix(".json"), (json.dumps(env, indent=2, ensure_ascii=False) + "\n").encode())
-        written.append(eml)
-    return written
+    taken = set() if taken is None else taken
+    written: list[Path] = []
+    refused: list[ExportRefused] = []
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for n, msg in enumerate(messages(rec), 1):
+            stem = f"{rec.header.session}-{n:03d}"
+            env = {"session": rec.header.session, "recording": str(rec.path), "message": n, **msg.envelope()}
+            files = (
+                (f"{stem}.eml", msg.content),
+                (f"{stem}.json", (json.dumps(env, indent=2, ensure_ascii=False) + "\n").encode()),
+            )
+            try:
+                for name, _ in files:
+                    if name in taken:
+                        raise ExportRefused(
+                            f"{folder / name}: written already from another recording of session "
+                            f"{rec.header.session} ({rec.path} is a copy or claims a session it is not)"
+                        )
+                for name, data in files:
+                    _write(dir_fd, folder, name, data, force)
+                    taken.add(name)
+            except ExportRefused as exc:
+                refused.append(exc)
+            else:
+                written.append(folder / files[0][0])
+    finally:
+        os.close(dir_fd)
+    return written, refused
 
 
-def _write(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _write(dir_fd: int, folder: Path, name: str, data: bytes, force: bool) -> None:
+    """Create ``name`` in the folder open as ``dir_fd`` (mode 0600) and write
+    ``data``. ``O_EXCL`` with ``O_NOFOLLOW``: a symlink planted in the folder
+    is not followed, an existing file is not overwritten (``force`` removes
+    it first: the link itself, never its target)."""
+    if not _NAME.fullmatch(name):
+        raise ExportRefused(f"{folder}: refusing the file name {name!r}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        try:
+            fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+        except FileExistsError:
+            if not force:
+                raise ExportRefused(f"{folder / name}: exists; not overwritten (--force replaces it)") from None
+            os.unlink(name, dir_fd=dir_fd)
+            fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+    except ExportRefused:
+        raise
+    except OSError as exc:
+        raise ExportRefused(f"{folder / name}: cannot write: {exc.strerror or exc}") from None
     try:
         view = memoryview(data)
         while view:

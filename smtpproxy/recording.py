@@ -30,11 +30,13 @@ import dataclasses
 import datetime as _dt
 import json
 import os
+import re
 import secrets
+import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .events import (
     Anomaly,
@@ -457,7 +459,11 @@ class Recorder:
     def create(
         cls, folder: Path, session: str, now: _dt.datetime, clock_start: float, derive: bool = True, **header: Any
     ) -> Recorder:
-        """A new recording in ``folder``, named so a listing sorts by start time."""
+        """A new recording in ``folder``, named so a listing sorts by start time.
+        ``session`` is a session id (``new_session_id``), the only form a
+        reader accepts."""
+        if not _SESSION_ID.fullmatch(session):
+            raise ValueError(f"not a session id: {session!r}")
         stamp = now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"
         path = folder / f"{stamp}-{session}.jsonl"
         iso = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -633,18 +639,76 @@ class _Inputs:
         return [Entry(t, ev) for ev in self.conv.close()]
 
 
+#: The longest line a reader accepts. The writer writes one read (at most
+#: 64 KiB) or one event (at most the 1 MiB the observer holds, six times that
+#: if every octet is escaped) per line, so a longer line is not a recording's.
+MAX_RECORD_LINE = 16 * 1024 * 1024
+
+#: A session id as the proxy makes it (``new_session_id``): the only form the
+#: reader accepts, since names of exported files are built from it.
+_SESSION_ID = re.compile(r"[0-9a-f]{8,32}")
+#: A ``\uD800``-``\uDFFF`` escape: a line holding one may hold a lone
+#: surrogate, which is no text (it cannot be printed or encoded).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file (or a symlink to
+    one). Not a device (``/dev/zero`` reads for ever), a FIFO (opening one
+    waits for a writer: ``O_NONBLOCK`` does not) or a folder."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RecordingError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            what = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+            raise RecordingError(f"{path}: is {what}, not a recording file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _lone_surrogate(obj: Any) -> str | None:
+    """The first string in ``obj`` that holds a lone surrogate, if any."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return obj
+        return None
+    if isinstance(obj, dict):
+        obj = [*obj.keys(), *obj.values()]
+    if isinstance(obj, list):
+        for item in obj:
+            bad = _lone_surrogate(item)
+            if bad is not None:
+                return bad
+    return None
+
+
+def _parse_line(line: bytes) -> Any:
+    """One line's JSON; ValueError for anything that is not a recording's
+    (not JSON, nested too deep to read, a lone surrogate in a string)."""
+    try:
+        obj = json.loads(line)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if not isinstance(obj, (dict, list)):
+        raise ValueError("not a JSON object or input line")
+    if _SURROGATE_ESCAPE.search(line) and _lone_surrogate(obj) is not None:
+        raise ValueError("a string holds a lone surrogate (\\ud800-\\udfff), which is not text")
+    return obj
+
+
 def read_recording(path: Path) -> Recording:
     """Read a recording. A truncated last line (the proxy killed mid-write) is
     dropped and flagged; any other damage raises RecordingError naming the
-    file and line."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise RecordingError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    lines = data.split(b"\n")
-    ends_with_newline = data.endswith(b"\n")
-    if ends_with_newline:
-        lines.pop()
+    file and line. Only regular files are read, a line at most
+    ``MAX_RECORD_LINE`` long."""
     header: Header | None = None
     entries: list[Entry] = []
     close: Close | None = None
@@ -652,45 +716,61 @@ def read_recording(path: Path) -> Recording:
     truncated = False
     heads = MessageHeads()
     inputs = _Inputs()
-    for lineno, line in enumerate(lines, 1):
-        last = lineno == len(lines)
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            if not isinstance(obj, (dict, list)):
-                raise ValueError("not a JSON object or input line")
-        except ValueError as exc:
-            if last and not ends_with_newline:
-                truncated = True
-                if header is None:
-                    raise RecordingError(f"{path}:1: the header line is cut short") from None
+    with _open_regular(Path(path)) as f:
+        lineno = 0
+        while True:
+            try:
+                line = f.readline(MAX_RECORD_LINE + 1)
+            except OSError as exc:
+                raise RecordingError(f"{path}: cannot read: {exc.strerror or exc}") from None
+            if not line:
                 break
-            raise RecordingError(f"{path}:{lineno}: not valid JSON ({exc})") from None
-        if header is None:
-            header = _read_header(path, obj)
-            continue
-        what = "input line" if isinstance(obj, list) else "close line" if obj.get("type") == "close" else "event"
-        try:
-            if isinstance(obj, list):
-                if header.version < 2:
-                    raise ValueError(f"input lines are format version 2, this file says {header.version}")
-                new = inputs.line(obj)
-            elif obj.get("type") == "close":
-                totals = obj.get("totals", {})
-                if not isinstance(totals, dict):
-                    raise TypeError("totals must be an object")
-                written_totals = totals
-                close = Close(t=float(obj.get("t", 0.0)), by=str(obj.get("by", "")), reason=str(obj.get("reason", "")))
-                new = inputs.close(close.t)
+            lineno += 1
+            if line.endswith(b"\n"):
+                line = line[:-1]
+                cut = False
+            elif len(line) > MAX_RECORD_LINE:
+                raise RecordingError(
+                    f"{path}:{lineno}: a line longer than {MAX_RECORD_LINE // (1024 * 1024)} MiB "
+                    "is not a recording's (the proxy writes one read per line)"
+                )
             else:
-                entry = decode_event(obj, heads.derived)
-                new = inputs.fed_note(entry) if obj.get("fed") is True and type(entry.event) is Note else [entry]
-        except (KeyError, ValueError, TypeError) as exc:
-            raise RecordingError(f"{path}:{lineno}: not a valid {what} ({exc})") from None
-        for entry in new:
-            heads.see(entry.event)
-        entries.extend(new)
+                cut = True  # no newline: the last line, cut short
+            if not line.strip():
+                continue
+            try:
+                obj = _parse_line(line)
+            except ValueError as exc:
+                if cut:
+                    truncated = True
+                    if header is None:
+                        raise RecordingError(f"{path}:1: the header line is cut short") from None
+                    break
+                raise RecordingError(f"{path}:{lineno}: not valid JSON ({exc})") from None
+            if header is None:
+                header = _read_header(path, obj)
+                continue
+            what = "input line" if isinstance(obj, list) else "close line" if obj.get("type") == "close" else "event"
+            try:
+                if isinstance(obj, list):
+                    if header.version < 2:
+                        raise ValueError(f"input lines are format version 2, this file says {header.version}")
+                    new = inputs.line(obj)
+                elif obj.get("type") == "close":
+                    totals = obj.get("totals", {})
+                    if not isinstance(totals, dict):
+                        raise TypeError("totals must be an object")
+                    written_totals = totals
+                    close = Close(t=float(obj.get("t", 0.0)), by=str(obj.get("by", "")), reason=str(obj.get("reason", "")))
+                    new = inputs.close(close.t)
+                else:
+                    entry = decode_event(obj, heads.derived)
+                    new = inputs.fed_note(entry) if obj.get("fed") is True and type(entry.event) is Note else [entry]
+            except (KeyError, ValueError, TypeError, RecursionError) as exc:
+                raise RecordingError(f"{path}:{lineno}: not a valid {what} ({exc})") from None
+            for entry in new:
+                heads.see(entry.event)
+            entries.extend(new)
     if header is None:
         raise RecordingError(f"{path}:1: empty file, not a recording")
     if close is not None:
@@ -712,8 +792,14 @@ def _read_header(path: Path, obj: Mapping[str, Any] | list[Any]) -> Header:
             f"(this smtpproxy reads up to {VERSION}; upgrade smtpproxy)"
         )
     known = {"format", "version", "session", "start", "client", "listen", "upstream"}
+    session = obj.get("session")
+    if not isinstance(session, str) or not _SESSION_ID.fullmatch(session):
+        shown = json.dumps(session)[:60]
+        raise RecordingError(
+            f"{path}:1: damaged header: session {shown} is not a session id (8 to 32 lowercase hex digits)"
+        )
     return Header(
-        session=str(obj.get("session", "")),
+        session=session,
         start=str(obj.get("start", "")),
         client=str(obj.get("client", "")),
         listen=str(obj.get("listen", "")),

@@ -8,6 +8,7 @@ brackets beside the raw line.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import TextIO
 
@@ -30,8 +31,44 @@ from .events import (
     TlsStart,
 )
 
-__all__ = ["Transcript", "format_auth"]
+__all__ = ["Transcript", "format_auth", "json_visible", "visible"]
 
+#: Characters a terminal may act on instead of showing: C0 controls, DEL and
+#: C1 controls (ESC starts colours, titles and OSC 8 links, CR rewrites the
+#: line, U+009B is a one-byte CSI), and the bidirectional overrides that can
+#: reorder what is shown ("Trojan Source"). Each is shown as its escape.
+_CONTROLS = [*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)]
+_BIDI = [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029]
+_VISIBLE = {
+    **{c: f"\\x{c:02x}" for c in _CONTROLS},
+    **{0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"},
+    **{c: f"\\u{c:04x}" for c in _BIDI},
+}
+#: What the json module leaves raw in a string (DEL, C1, the overrides), as
+#: JSON escapes. It escapes C0 itself, so a C0 character in its output is
+#: structure (indentation); the others can only be inside a string, where
+#: ``\\u`` escapes are valid (RFC 8259 section 7).
+_JSON_VISIBLE = {c: f"\\u{c:04x}" for c in [0x7F, *range(0x80, 0xA0), *_BIDI]}
+
+
+def visible(text: str) -> str:
+    """``text`` with every character a terminal could act on made visible
+    (``\\x1b``, ``\\r``, ``\\x9b``, ``\\u202e``). Everything that came from a
+    peer or a file goes through this before it reaches a terminal; the
+    recording keeps the exact bytes."""
+    if text.isprintable():  # the usual case, at C speed
+        return text
+    return text.translate(_VISIBLE)
+
+
+def json_visible(text: str) -> str:
+    """JSON text (``json.dumps(..., ensure_ascii=False)``) with C0 and C1
+    controls and bidirectional overrides escaped as ``\\u`` sequences: the
+    json module leaves C1 and the overrides raw."""
+    return text if text.isprintable() else text.translate(_JSON_VISIBLE)
+
+
+_LINE_END = re.compile(r"\r?\n")
 _COLORS = {"client": "cyan", "server": "green", "proxy": "magenta", "warn": "yellow"}
 
 
@@ -74,12 +111,17 @@ class Transcript:
         self._tls: dict[str, bool] = {}
 
     def _emit(self, session: str, marker: str, text: str, role: str) -> None:
-        head = f"[{session}] " if self._prefix else ""
-        for part in text.split("\n"):  # a note quoting a multi-line reply: each line prefixed
-            line = f"{head}{marker} {part}"
-            if self._color:
-                line = click.style(line, fg=_COLORS[role])
-            self._out.write(line + "\n")
+        """One transcript line: ``text`` with its control characters made
+        visible, so a peer can neither act on the terminal nor start a line."""
+        line = f"[{session}] {marker} {visible(text)}" if self._prefix else f"{marker} {visible(text)}"
+        if self._color:
+            line = click.style(line, fg=_COLORS[role])
+        self._out.write(line + "\n")
+
+    def _emit_lines(self, session: str, marker: str, text: str, role: str) -> None:
+        """A note that quotes a multi-line reply: each line with its prefix."""
+        for part in _LINE_END.split(text):
+            self._emit(session, marker, part, role)
 
     def _flush(self) -> None:
         try:
@@ -91,7 +133,7 @@ class Transcript:
         """A line from the proxy itself (warnings show even when quiet)."""
         if self.quiet and not warn:
             return
-        self._emit(session, "!!" if warn else "==", text, "warn" if warn else "proxy")
+        self._emit_lines(session, "!!" if warn else "==", text, "warn" if warn else "proxy")
         self._flush()
 
     def events(self, session: str, events: Iterable[Event]) -> None:
@@ -161,7 +203,7 @@ class Transcript:
             case Anomaly():
                 self._anomaly(session, ev)
             case Note():
-                emit(session, "!!" if ev.kind.endswith("error") else "==", ev.text, "warn")
+                self._emit_lines(session, "!!" if ev.kind.endswith("error") else "==", ev.text, "warn")
 
     def summary(self, session: str, text: str) -> None:
         self._emit(session, "==", text, "proxy")

@@ -63,7 +63,7 @@ def test_the_quick_lines_are_the_lines_encode_event_gives() -> None:
                 assert encode_line(t, ev) == (_dumps(encode_event(t, ev)) + "\n").encode(), ev
 
 
-def recorded(tmp_path, events, name="r"):  # type: ignore[no-untyped-def]
+def recorded(tmp_path, events, name="0000000a"):  # type: ignore[no-untyped-def]
     """Write ``events`` with the real Recorder in the event layout (what
     ``--redact`` writes); (the file's lines, the events read back)."""
     import datetime as dt
@@ -131,7 +131,7 @@ def _live(tmp_path, steps, derive=True, redacting=False):  # type: ignore[no-unt
 
     conv = Conversation()
     rec = Recorder.create(
-        tmp_path, "s", dt.datetime.now(dt.UTC), 100.0, derive=derive, client="c", listen="l", upstream="u"
+        tmp_path, "0000000b", dt.datetime.now(dt.UTC), 100.0, derive=derive, client="c", listen="l", upstream="u"
     )
     seen = []
     clock = 100.0

@@ -1025,6 +1025,15 @@ def _insert(line: str, at: int = 3) -> Callable[[list[str]], list[str]]:
     return lambda lines: lines[:at] + [line] + lines[at:]
 
 
+def _header(**change: Any) -> Callable[[list[str]], list[str]]:
+    def apply(lines: list[str]) -> list[str]:
+        header = json.loads(lines[0])
+        header.update(change)
+        return [json.dumps(header)] + lines[1:]
+
+    return apply
+
+
 def _newer(lines: list[str]) -> list[str]:
     header = json.loads(lines[0])
     header["version"] = 3
@@ -1054,6 +1063,15 @@ DAMAGES: dict[str, tuple[Callable[[list[str]], list[str]], int | None, str]] = {
         "not a valid event",
     ),
     "empty file": (lambda lines: [], 1, "empty file"),
+    "nested too deep": (_insert("[" * 100_000 + "]" * 100_000), 4, "not valid JSON (nested too deeply)"),
+    "lone surrogate in a note": (
+        _insert('{"t": 0.1, "type": "note", "side": "server", "kind": "x", "text": "a\\ud800"}'),
+        4,
+        "not valid JSON (a string holds a lone surrogate",
+    ),
+    "lone surrogate in the session": (_header(session="\ud800"), 1, "not valid JSON (a string holds a lone"),
+    "session that is a path": (_header(session="../../victim/x.sh"), 1, "damaged header: session"),
+    "session that is absolute": (_header(session="/tmp/x"), 1, "damaged header: session"),
     "close with a bad time": (
         lambda lines: (
             lines[:-1] + ['{"t": "soon", "type": "close", "by": "client", "reason": "x"}']
