@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 import click
 import trio
 
-from . import __version__
+from . import __version__, accept
 from .diff import diff_sessions, exchanges_of, format_unified, tls_facts
 from .events import Side
 from .export import export_recording
@@ -36,7 +37,14 @@ from .render import Transcript, json_visible, visible
 from .replay import ReplayOptions, format_result, format_table, replay_all
 from .server import Sink, SinkConfig
 from .summary import SessionSummary, session_row
-from .tls import CertificateAuthority, ServerContexts, TlsFailure, client_context, default_home
+from .tls import (
+    CertificateAuthority,
+    ServerContexts,
+    TlsFailure,
+    client_context,
+    default_home,
+    private_keylog,
+)
 from .workers import WorkerGroup, plan
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -238,8 +246,12 @@ def record(
     keylog_file = str(keylog) if keylog else os.environ.get("SSLKEYLOGFILE") or None
     ca: CertificateAuthority | None = None
     try:
+        if keylog_file is not None:
+            _note(private_keylog(keylog_file))
         if cert is None:
             ca = CertificateAuthority.load_or_create()
+            for line in ca.notes:
+                _note(line)
         names = ["localhost", "127.0.0.1", "::1", listen[0]]
         if upstream is not None:
             names.append(upstream[0])
@@ -269,6 +281,12 @@ def record(
         redact=redact,
     )
     count, config.max_sessions = plan(workers, max_sessions, embedded=upstream is None)
+    config.max_sessions = _fit_descriptors(
+        config.max_sessions,
+        count,
+        per_session=3 + (upstream is None) + (keylog_file is not None),
+        held=contexts.descriptors() + (keylog_file is not None),
+    )
     if count > 1:
         totals, ok = _record_in_workers(config, transcript, count, ca)
     else:
@@ -286,6 +304,38 @@ def record(
     )
     if not ok:
         sys.exit(1)
+
+
+def _note(line: str | None) -> None:
+    if line is not None:
+        click.echo(line, err=True)
+
+
+def _fit_descriptors(sessions: int, workers: int, per_session: int, held: int) -> int:
+    """The sessions each worker may hold at once: ``sessions``, or fewer if
+    the descriptor limit (raised to the hard limit first) does not allow
+    them, and then say so. Each session needs ``per_session`` descriptors
+    (client, upstream, recording; the embedded server's side; a key log
+    context); ``held``: those the TLS contexts keep open (smtpproxy/accept.py)."""
+    before, limit = accept.raise_descriptor_limit()
+    in_use = accept.open_descriptors() + held + workers
+    allowed = accept.sessions_allowed(limit, in_use, per_session)
+    if allowed >= sessions:
+        return sessions
+    raised = f" (raised from {before})" if before != limit else ""
+    if allowed < 1:
+        raise click.ClickException(
+            f"the descriptor limit of {limit}{raised} leaves no room for a session: each needs "
+            f"{per_session} and the proxy keeps {in_use + accept.RESERVE}; raise it (ulimit -n 1024)"
+        )
+    each = " per worker" if workers > 1 else ""
+    click.echo(
+        f"note: at most {allowed} sessions at once{each}, not {sessions}: the descriptor limit is "
+        f"{limit}{raised} and each session needs {per_session}; further clients get 421 4.3.2 "
+        "(raise the hard limit, ulimit -Hn, for more)",
+        err=True,
+    )
+    return allowed
 
 
 def _cannot_listen(listen: tuple[str, int], exc: OSError) -> click.ClickException:
@@ -343,10 +393,12 @@ async def _serve_sockets(proxy: Proxy, sockets: list[socket.socket]) -> None:
 
 
 def _stop_signals() -> contextlib.AbstractContextManager[AsyncIterator[int]]:
-    """SIGINT and SIGTERM, caught from here on. Entered before the banner is
-    printed: a signal sent as soon as the banner shows must not meet the
-    default action (death, with recordings left without their close line)."""
-    return trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM)
+    """SIGINT, SIGTERM and SIGHUP (a closed terminal or SSH session), caught
+    from here on; each stops the proxy the same way. Entered before the
+    banner is printed: a signal sent as soon as the banner shows must not
+    meet the default action (death, with recordings left without their close
+    line and no summary)."""
+    return trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 async def _first(signals: AsyncIterator[int]) -> None:
@@ -406,7 +458,15 @@ def sink(listen: tuple[str, int], hostname: str | None, max_size: int) -> None:
         listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])
         with _stop_signals() as signals:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(trio.serve_listeners, server.handle, listeners)
+                nursery.start_soon(
+                    functools.partial(
+                        accept.serve,
+                        listeners,
+                        server.handle,
+                        admit=lambda: True,
+                        refusal=b"421 4.3.2 smtpproxy sink: out of resources, try later\r\n",
+                    )
+                )
                 addr = listeners[0].socket.getsockname()
                 click.echo(f"smtpproxy sink: listening on {addr[0]}:{addr[1]} (Ctrl-C to stop)", err=True)
                 await _first(signals)
@@ -434,6 +494,8 @@ def ca(regenerate: bool) -> None:
     """
     try:
         authority = CertificateAuthority.load_or_create()
+        for line in authority.notes:
+            _note(line)
         if regenerate:
             authority.regenerate()
     except TlsFailure as exc:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import trio
 
+from . import accept
 from .auth import redact
 from .events import Command, Event, Note, Reply, Side, TlsEstablished
 from .net import connect_reason, format_address, is_ip, tls_reason
@@ -621,26 +622,32 @@ class Proxy:
         *,
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until cancelled; ``task_status`` gets the bound address."""
+        """Serve until cancelled; ``task_status`` gets the bound address.
+        Clients past ``max_sessions``, and those waiting while the process
+        is out of descriptors, get ``421 4.3.2`` at once (smtpproxy/accept.py)."""
         if listeners is None:
             listeners = await self.listen()
         addr = listeners[0].socket.getsockname()
         task_status.started((addr[0], addr[1]))
-        await trio.serve_listeners(self._handle, listeners)
+        await accept.serve(listeners, self._handle, admit=self._admit, refusal=_TOO_MANY, refused=self._refused)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    def _admit(self) -> bool:
+        """Take a new client in, or count it refused: at accept time, so a
+        burst of clients cannot all pass before their tasks start."""
         stats = self.stats
         if stats.active >= self.config.max_sessions:
             stats.refused += 1
-            with trio.move_on_after(5):
-                try:
-                    await stream.send_all(format_reply(421, "4.3.2 smtpproxy: too many sessions, try later"))
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-            await trio.aclose_forcefully(stream)
-            return
+            return False
         stats.sessions += 1
         stats.active += 1
+        return True
+
+    def _refused(self, count: int) -> None:
+        self.stats.refused += count
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        """Run one admitted client's session."""
+        stats = self.stats
         session = Session(self, stream)
         try:
             await session.run()
@@ -655,3 +662,7 @@ class Proxy:
             self._ended = trio.Event()
             if self.on_session_end is not None:
                 self.on_session_end(session)
+
+
+#: RFC 5321 3.8 and RFC 3463: X.3.2, system not accepting network messages
+_TOO_MANY = format_reply(421, "4.3.2 smtpproxy: too many sessions, try later")

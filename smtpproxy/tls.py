@@ -4,7 +4,8 @@ facts of a finished handshake.
 The CA is made once with the ``cryptography`` package in ``$SMTPPROXY_HOME``
 (default ``~/.smtpproxy``; folder 0700, key 0600), like mitmproxy's
 ``~/.mitmproxy``. Leaf certificates for the names clients ask for (SNI) are
-minted on demand, all with one leaf key, and cached.
+minted on demand, all with one leaf key, and cached; clients choose those
+names, so both caches are bounded (least recently used goes first).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import hashlib
 import ipaddress
 import os
 import ssl
+import stat
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +37,16 @@ __all__ = [
     "client_context",
     "default_home",
     "describe_certificate",
+    "private_keylog",
 ]
 
 CA_CERT = "smtpproxy-ca.pem"
 CA_KEY = "smtpproxy-ca-key.pem"
 _LEAF_DAYS = 397  # the longest validity browsers and Apple clients accept
-MAX_MINTED = 1000  # leaf contexts kept per proxy; names come from clients
+#: leaf certificates the CA keeps, by their names (each about 3 KB of PEM)
+MAX_LEAVES = 256
+#: SSL contexts kept for SNI names; with a key log each holds the file open
+MAX_CONTEXTS = 64
 
 
 class TlsFailure(Exception):
@@ -64,6 +71,35 @@ def _write_private(path: Path, data: bytes) -> None:
     os.chmod(path, 0o600)
 
 
+def _make_private(path: Path, mode: int, why: str) -> str | None:
+    """Take group and other access away from ``path`` (to ``mode``) if it
+    has any; a line saying so, or warning when it is not ours to change."""
+    info = path.stat()
+    have = stat.S_IMODE(info.st_mode)
+    if not have & 0o077:
+        return None
+    if info.st_uid != os.geteuid():
+        return f"warning: {path} is mode {have:o} and not yours; {why}"
+    os.chmod(path, mode)
+    return f"note: {path} was mode {have:o}; made it {mode:04o} ({why})"
+
+
+def private_keylog(path: str) -> str | None:
+    """Create the key log ``path`` 0600 whatever the umask, before OpenSSL
+    opens it (it would create it 0666 less the umask, 0644 as a rule); an
+    existing one others can read is made 0600. It holds every session key:
+    with it and a capture anyone reads the mail and the passwords. Returns
+    the line that says the mode was changed, if it was. Raises TlsFailure."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        return _make_private(Path(path), 0o600, "it holds TLS session keys")
+    except OSError as exc:
+        raise TlsFailure(
+            f"cannot write the key log {path}: {exc.strerror or exc}; choose another file with --keylog"
+        ) from None
+
+
 def _new_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
@@ -78,12 +114,25 @@ class CertificateAuthority:
         self._cert: x509.Certificate | None = None
         self._key: rsa.RSAPrivateKey | None = None
         self._leaf_key: rsa.RSAPrivateKey | None = None
-        self._leaves: dict[tuple[str, ...], tuple[bytes, bytes]] = {}
+        # least recently used first; names come from clients, so it is bounded
+        self._leaves: OrderedDict[tuple[str, ...], tuple[bytes, bytes]] = OrderedDict()
+        #: lines for the user: modes made private at load (see load_or_create)
+        self.notes: list[str] = []
 
     @classmethod
     def load_or_create(cls, home: Path | None = None) -> CertificateAuthority:
+        """The CA in ``home``, made there if missing. An existing folder that
+        others can enter, or a key they can read, is made 0700/0600 and
+        ``notes`` says so (a copied or restored ``~/.smtpproxy`` often is)."""
         ca = cls(home or default_home())
         if ca.cert_path.exists() and ca.key_path.exists():
+            for path, mode, why in (
+                (ca.home, 0o700, "it holds the CA key"),
+                (ca.key_path, 0o600, "the CA key signs certificates your mail clients trust"),
+            ):
+                note = _make_private(path, mode, why)
+                if note is not None:
+                    ca.notes.append(note)
             ca._load()
         else:
             ca.regenerate()
@@ -167,6 +216,7 @@ class CertificateAuthority:
         key_names = tuple(sorted(dict.fromkeys(n for n in names if n)))
         cached = self._leaves.get(key_names)
         if cached is not None:
+            self._leaves.move_to_end(key_names)
             return cached
         assert self._key is not None and self._cert is not None
         if self._leaf_key is None:
@@ -199,8 +249,10 @@ class CertificateAuthority:
         key_pem = self._leaf_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        self._leaves[key_names] = (chain, key_pem)
-        return chain, key_pem
+        pair = self._leaves[key_names] = (chain, key_pem)
+        if len(self._leaves) > MAX_LEAVES:
+            self._leaves.popitem(last=False)
+        return pair
 
 
 def _colon_hex(data: bytes) -> str:
@@ -219,7 +271,11 @@ def _load_chain(ctx: ssl.SSLContext, chain: bytes, key: bytes, scratch: Path) ->
 
 
 def _keylog(ctx: ssl.SSLContext, keylog: str | None) -> None:
+    """Log the context's secrets to ``keylog``. The context keeps the file
+    open (one descriptor each) and OpenSSL would create it world-readable:
+    it is made 0600 first, every time, in case it was removed meanwhile."""
     if keylog:
+        private_keylog(keylog)
         ctx.keylog_filename = keylog
 
 
@@ -243,7 +299,7 @@ class ServerContexts:
         self.ca = ca
         self.default_names = list(dict.fromkeys(default_names))
         self.keylog = keylog
-        self._by_name: dict[str, ssl.SSLContext] = {}
+        self._by_name: OrderedDict[str, ssl.SSLContext] = OrderedDict()
         # the name each handshake asked for; gone with its ssl object
         self.snis: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         if cert_file is not None:
@@ -281,11 +337,19 @@ class ServerContexts:
             return
         mctx = self._by_name.get(name)
         if mctx is None:
-            if len(self._by_name) >= MAX_MINTED:
-                self._by_name.clear()  # clients choose the names: keep the cache bounded
             mctx = self._minted([name] + self.default_names)
             self._by_name[name] = mctx
+            if len(self._by_name) > MAX_CONTEXTS:
+                self._by_name.popitem(last=False)  # clients choose the names
+        else:
+            self._by_name.move_to_end(name)
         sslobj.context = mctx
+
+    def descriptors(self) -> int:
+        """The most file descriptors these contexts hold open at once apart
+        from handshakes in progress: with a key log, each context keeps the
+        file open; without, none."""
+        return 1 + MAX_CONTEXTS if self.keylog else 0
 
     def sni_of(self, sslobj: Any) -> str | None:
         return self.snis.pop(sslobj, None)

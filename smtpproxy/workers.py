@@ -10,7 +10,7 @@ lines and limits. Nothing is shared between workers at run time.
 The parent binds the sockets (so a taken port is an error before anything
 starts), forks the workers, and then only supervises: it keeps the sockets
 open, so a worker that dies is restarted on the same socket without losing the
-connections queued there; it passes SIGINT/SIGTERM on; and it adds up the
+connections queued there; it passes SIGINT/SIGTERM/SIGHUP on (as SIGTERM); and it adds up the
 workers' final counts. A worker dies with its parent (``PR_SET_PDEATHSIG``),
 so ``kill -9`` of the proxy's PID stops every worker as it would stop one
 process.
@@ -40,7 +40,7 @@ MIN_LIFETIME = 2.0
 #: after asking workers to stop, how long before they are killed
 STOP_GRACE = 20.0
 _PR_SET_PDEATHSIG = 1
-_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
+_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD}
 
 
 def available() -> bool:
@@ -129,7 +129,7 @@ class WorkerGroup:
         work: Callable[[list[socket.socket]], Mapping[str, int]],
         ready: Callable[[], None] | None = None,
     ) -> bool:
-        """Run ``work(sockets)`` in each worker until SIGINT or SIGTERM, then
+        """Run ``work(sockets)`` in each worker until SIGINT, SIGTERM or SIGHUP, then
         wait for them all. ``ready`` runs once those signals are held for the
         supervisor (print the banner there: a signal sent as soon as it shows
         must not kill the parent by default action). The counts the workers
@@ -213,6 +213,7 @@ class WorkerGroup:
                 # listens, and while it shuts down, a second one is ignored
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 for i, group in enumerate(self.sockets):
                     if i != index:
