@@ -18,6 +18,7 @@ __all__ = [
     "auth_response_fields",
     "command_fields",
     "decode_line",
+    "dot_stuff",
     "enhanced_code",
     "format_reply",
     "line_text",
@@ -197,6 +198,31 @@ class Unstuffer:
     def end(self) -> bytes:
         """Flush what was held back (only a body cut short has any)."""
         return self.feed(b"", final=True)
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def dot_stuff(content: bytes) -> tuple[bytes, bool]:
+    """Message content as a DATA body on the wire, and whether its line ends
+    had to change: each line that starts with "." gets one more and ".CRLF"
+    ends the body (RFC 5321 section 4.5.2).
+
+    A bare CR or LF becomes CRLF first (section 2.3.8 allows them in no
+    other form), and a last line without its CRLF gets one (4.1.1.4: the
+    terminator is the end of a line). So no reader, strict or one that also
+    ends lines at a bare LF or CR, finds a "." line before the terminator:
+    content cannot end the message early and be read as commands. The
+    ``Unstuffer`` gives back the content with CRLF line ends."""
+    lines = _LINE_END.split(content)
+    ends = len(lines) - 1
+    ended = lines[-1] == b""
+    if ended:
+        lines.pop()  # the content ended with a line end, or is empty
+    # every CRLF of the content is one of the line ends the split found
+    changed = ends != content.count(b"\r\n") or not ended
+    wire = b"".join(b"." + line + b"\r\n" if line[:1] == b"." else line + b"\r\n" for line in lines)
+    return wire + b".\r\n", changed
 
 
 def decode_line(raw: bytes) -> tuple[str, tuple[str, ...]]:
