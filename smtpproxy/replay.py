@@ -6,6 +6,10 @@ does STARTTLS where the recording did, answers a new CRAM-MD5 challenge,
 sends a body only when the server asked for it with 354, and stops cleanly
 when the server's behaviour leaves the recording behind. Parsing is the
 ``Conversation``'s; the comparison rules are ``diff``'s.
+
+Message content never goes where the server may read it as commands: BDAT
+chunks go only to a server that offers CHUNKING (to one that does not, the
+message goes with DATA, dot-stuffed), and none after a refused chunk.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import trio
 
 from .auth import REDACTED
 from .diff import Exchange, compare_replies, exchanges_of
-from .events import Command, Event, MessageEnd, Reply, Side, TlsEstablished
-from .protocol import ClientState, Conversation
-from .recording import Recorder, Recording, new_session_id
+from .events import Command, Event, MessageData, MessageEnd, Reply, Side, TlsEstablished
 from .net import connect_reason, format_address, tls_reason
+from .protocol import ClientState, Conversation, line_text, split_command
+from .protocol.text import dot_stuff
+from .recording import Recorder, Recording, new_session_id
 from .tls import client_context, handshake_facts
 
 __all__ = ["ReplayOptions", "ReplayResult", "Step", "format_result", "format_table", "replay", "replay_all"]
@@ -60,6 +65,7 @@ class Step:
     note: str | None = None
     payload: bytes | None = None  # what was sent, when it is not the recorded bytes
     index: int | None = None  # position among the recorded exchanges; None for a step replay added
+    shown: str | None = None  # what the transcript shows as sent, when not the recorded step
 
     @property
     def differs(self) -> bool:
@@ -100,6 +106,7 @@ class _Replayer:
         self.challenge: str | None = None
         self._index: dict[int, int] = {}
         self._proxy_starttls = False
+        self._chunks: dict[int, tuple[bytes, bool, bool]] = {}
 
     # -- I/O --------------------------------------------------------------
 
@@ -215,10 +222,21 @@ class _Replayer:
         self.result.steps.append(step)
         return step
 
-    def _skip(self, ex: Exchange, why: str) -> None:
-        step = Step(ex, None, False, [f"not sent: {why}"] if ex.reply else [], why)
+    def _skip(self, ex: Exchange, why: str, differs: bool = True) -> None:
+        step = Step(ex, None, False, [f"not sent: {why}"] if ex.reply and differs else [], why)
         step.index = self._index.get(id(ex))
         self.result.steps.append(step)
+
+    async def _added(self, verb: str, note: str) -> Reply:
+        """Send a command the recording does not have (a step of its own,
+        not compared); stop if the target does not answer."""
+        ex = Exchange("command", verb, verb.encode("ascii") + b"\r\n")
+        await self._send(ex.client)
+        reply = await self._reply()
+        self.result.steps.append(Step(ex, reply, True, [], note))
+        if reply is None:
+            raise _Stop("the target closed the connection")
+        return reply
 
     async def _follow(self, exs: list[Exchange]) -> None:
         self._index = {id(x): k for k, x in enumerate(exs)}
@@ -236,10 +254,23 @@ class _Replayer:
             if ex.kind == "unsolicited":
                 i += 1
                 continue
+            if ex.kind == "command" and ex.verb == "BDAT" and not self._may_send_chunk(ex):
+                if "CHUNKING" not in self.conv.capabilities:
+                    i = await self._bdat_as_data(exs, i)
+                else:
+                    i = await self._drop_message(exs, i, "the recorded chunk is cut short")
+                continue
             group = [ex]
             if ex.kind == "command" and ex.group is not None and "PIPELINING" in self.conv.capabilities:
+                # a BDAT ends a group: the next chunk waits for its reply
                 j = i + 1
-                while j < n and exs[j].kind == "command" and exs[j].group == ex.group:
+                while (
+                    j < n
+                    and group[-1].verb != "BDAT"
+                    and exs[j].kind == "command"
+                    and exs[j].group == ex.group
+                    and (exs[j].verb != "BDAT" or self._may_send_chunk(exs[j]))
+                ):
                     group.append(exs[j])
                     j += 1
             payloads = [self._payload(x) for x in group]
@@ -272,6 +303,9 @@ class _Replayer:
                 empty = Exchange("body", "<body>", b".\r\n", message=MessageEnd(size=0, headers={}))
                 self._step(empty, await self._reply(), "empty message ends the DATA the target accepted")
             return nxt
+        if ex.verb == "BDAT" and ex.kind == "command" and not 200 <= reply.code < 300:
+            why = f"the target refused an earlier chunk of this message with {reply.code}"
+            return await self._drop_message(exs, nxt, why + " (RFC 3030 section 2)")
         if ex.verb == "STARTTLS" or (ex.kind == "command" and ex.verb == "STARTTLS"):
             if reply.code == 220:
                 await self._handshake()
@@ -292,6 +326,98 @@ class _Replayer:
             while nxt < len(exs) and exs[nxt].kind == "auth":
                 self._skip(exs[nxt], f"the target ended AUTH with {reply.code}")
                 nxt += 1
+        return nxt
+
+    # -- BDAT (RFC 3030) ---------------------------------------------------
+
+    def _chunk(self, ex: Exchange) -> tuple[bytes, bool, bool]:
+        """A recorded BDAT step read again by the protocol module: the
+        chunk's octets, whether all the octets its command line announced
+        are there, and whether it ends the message (LAST)."""
+        known = self._chunks.get(id(ex))
+        if known is None:
+            conv = Conversation(greeted=True)
+            events = conv.feed(Side.CLIENT, ex.client)
+            content = b"".join(ev.raw for ev in events if isinstance(ev, MessageData))
+            known = (content, not conv.in_message, any(isinstance(ev, MessageEnd) for ev in events))
+            self._chunks[id(ex)] = known
+        return known
+
+    def _may_send_chunk(self, ex: Exchange) -> bool:
+        """A recorded BDAT step may go as recorded: the target offers
+        CHUNKING, and the chunk is whole (cut short, the target would take
+        what follows it for the rest of the chunk)."""
+        return "CHUNKING" in self.conv.capabilities and self._chunk(ex)[1]
+
+    def _bdat_run(self, exs: list[Exchange], i: int) -> list[int]:
+        """The indexes of the BDAT steps of one message from ``i``: up to
+        the one with LAST, or to the first step that is not a BDAT."""
+        run: list[int] = []
+        while i < len(exs) and exs[i].kind == "command" and exs[i].verb == "BDAT":
+            run.append(i)
+            if self._chunk(exs[i])[2]:
+                break
+            i += 1
+        return run
+
+    async def _drop_message(self, exs: list[Exchange], i: int, why: str) -> int:
+        """Send none of the BDAT steps of this message from ``i`` on (a
+        refused chunk fails the transaction and no further chunk may follow
+        it, RFC 3030 section 2); RSET unless the recording ends the
+        transaction itself. Return the index of the next exchange to play."""
+        for k in self._bdat_run(exs, i):
+            self._skip(exs[k], why)
+            i = k + 1
+        await self._clean(exs, i)
+        return i
+
+    async def _clean(self, exs: list[Exchange], nxt: int) -> None:
+        """The transaction did not end as recorded: RSET, so the next one
+        starts clean (RFC 5321 section 4.1.1.5), unless the recording's next
+        command is RSET or QUIT, or there is none."""
+        if nxt >= len(exs) or (exs[nxt].kind == "command" and exs[nxt].verb in ("RSET", "QUIT")):
+            return
+        await self._added("RSET", "RSET: the transaction did not end as recorded (RFC 5321 section 4.1.1.5)")
+
+    async def _bdat_as_data(self, exs: list[Exchange], i: int) -> int:
+        """The target does not offer CHUNKING, so it would read a chunk's
+        octets as commands (RFC 3030 section 2 sends them right after the
+        command line, without waiting for a reply): send the message with
+        DATA instead, dot-stuffed, after 354, and compare the reply to its
+        end with the recorded reply to the last chunk. A message that is
+        not whole in the recording, or whose MAIL said BODY=BINARYMIME (only
+        BDAT may carry that, RFC 3030 section 3), is not sent."""
+        run = self._bdat_run(exs, i)
+        chunks = [self._chunk(exs[k]) for k in run]
+        nxt = run[-1] + 1
+        why = None
+        if any(not whole for _, whole, _ in chunks):
+            why = "the recorded chunk is cut short"
+        elif not chunks[-1][2]:
+            why = "the recorded message has no last chunk (BDAT ... LAST)"
+        elif _binarymime(exs, i):
+            why = "BODY=BINARYMIME needs BDAT, which the target does not offer (RFC 3030 section 3)"
+        if why is not None:
+            return await self._drop_message(exs, i, why)
+        reply = await self._added(
+            "DATA", "the target does not offer CHUNKING: the BDAT message goes with DATA, dot-stuffed"
+        )
+        if reply.code != 354:
+            return await self._drop_message(exs, i, f"the target answered DATA with {reply.code}")
+        content = b"".join(content for content, _, _ in chunks)
+        wire, changed = dot_stuff(content)
+        for k in run[:-1]:
+            self._skip(exs[k], "its chunk goes in the DATA body below", differs=False)
+        last = exs[run[-1]]
+        await self._send(wire)
+        end = await self._reply()
+        note = "line ends made CRLF for DATA (RFC 5321 section 2.3.8)" if changed else None
+        step = self._step(last, end, note)
+        step.reasons.insert(0, "sent with DATA: the target does not offer CHUNKING")
+        step.payload = wire
+        step.shown = f"(message body from BDAT, {len(content)} octets)"
+        if end is None:
+            raise _Stop("the target closed the connection")
         return nxt
 
     async def _upgrade_like_the_proxy(self, ehlo: Exchange) -> None:
@@ -386,6 +512,18 @@ def upstream_tls_of(rec: Recording) -> str:
     return "none"
 
 
+def _binarymime(exs: list[Exchange], i: int) -> bool:
+    """Whether the MAIL command of the transaction that step ``i`` is in
+    said BODY=BINARYMIME (RFC 3030 section 3)."""
+    for ex in reversed(exs[:i]):
+        if ex.kind == "command" and ex.verb == "MAIL":
+            _, arg, _ = split_command(line_text(ex.client))
+            return "BODY=BINARYMIME" in arg.upper().split()
+        if ex.kind == "command" and ex.verb in ("RSET", "EHLO", "HELO"):
+            break
+    return False
+
+
 def _redacted(ex: Exchange) -> bool:
     return bool(ex.auth and REDACTED in ex.auth.fields.values())
 
@@ -431,7 +569,9 @@ def format_result(result: ReplayResult) -> list[str]:
             continue
         if ex.kind != "greeting":
             label = ex.label
-            if step.payload is not None:
+            if step.shown is not None:
+                label = step.shown
+            elif step.payload is not None:
                 label = step.payload.decode("utf-8", "backslashreplace").rstrip("\r\n") + "   (new credentials)"
             lines.append(f"-> {label}" if step.sent else f"   (not sent) {label}")
         if step.sent or step.reply is not None:
