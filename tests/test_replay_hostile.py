@@ -249,13 +249,19 @@ async def test_a_binarymime_message_is_not_sent_to_a_server_without_chunking(
 async def chunking_server(upstream: RawUpstream, commands: list[bytes], peers: list[Peer]) -> None:
     """One session of a server that offers CHUNKING and PIPELINING, refuses
     the first BDAT chunk it reads (552, after reading it: RFC 3030 section 2)
-    and accepts everything else."""
+    and accepts everything else; it ends when the client sends QUIT or
+    closes."""
     peer = await upstream.accept()
     peers.append(peer)
     await peer.send(b"220 raw.test ESMTP\r\n")
     chunks = 0
     while True:
-        line = await peer.until(b"\r\n")
+        try:
+            line = await peer.until(b"\r\n")
+        except AssertionError:
+            if peer.eof:
+                return  # the client closed the connection
+            raise
         commands.append(line)
         words = line.split()
         verb = words[0].upper() if words else b""
@@ -344,6 +350,84 @@ async def test_after_a_refused_bdat_chunk_no_further_chunk_of_that_message_is_se
         "-> RSET",
     ]
     assert lines[-1] == "12 exchanges, 3 differ"
+
+
+async def test_a_chunk_the_recording_holds_only_part_of_is_not_sent(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Cut short (the proxy was killed mid-chunk), the chunk would make the
+    target read what follows it as the rest of the chunk: not sent."""
+    rec = write_recording(
+        tmp_path / "cut.jsonl",
+        [
+            ("s", b"220 mx.test ESMTP\r\n"),
+            ("c", b"EHLO hostile.example\r\n"),
+            ("s", EHLO_REPLY),
+            ("c", f"MAIL FROM:<{SENDER}>\r\n".encode()),
+            ("s", b"250 2.1.0 sender ok\r\n"),
+            ("c", f"RCPT TO:<{BOB}>\r\n".encode()),
+            ("s", b"250 2.1.5 recipient ok\r\n"),
+            ("c", b"BDAT 100\r\n" + b"x" * 40),
+        ],
+    )
+    upstream = await RawUpstream().start(nursery)
+    commands: list[bytes] = []
+    peers: list[Peer] = []
+    nursery.start_soon(chunking_server, upstream, commands, peers)
+
+    code, lines, stderr = await run_replay(
+        tmp_path, str(rec), "--to", f"127.0.0.1:{upstream.address[1]}", "--timeout", "3"
+    )
+
+    assert commands == [
+        b"EHLO hostile.example\r\n",
+        f"MAIL FROM:<{SENDER}>\r\n".encode(),
+        f"RCPT TO:<{BOB}>\r\n".encode(),
+    ]
+    assert b"BDAT" not in peers[0].got
+    # the recording has no reply to that chunk: nothing to compare, no difference
+    assert code == 0, "\n".join(lines) + stderr
+    assert lines[-1] == "5 exchanges, 0 differ"
+    assert after(lines, "   (not sent) BDAT 100 (+40 octets)", 2)[1] == (
+        "== the recorded chunk is cut short"
+    )
+
+
+async def test_chunks_to_a_server_without_chunking_are_joined_into_one_data_body(
+    aiosmtpd_server: AioServer, tmp_path: Path
+) -> None:
+    """Two chunks, split inside a line that starts with a dot: aiosmtpd gets
+    the content exactly once, joined; only the last chunk's step is compared."""
+    first, last = b"Subject: two\r\n\r\n.do", b"t line\r\n.\r\nend\r\n"
+    rec = write_recording(
+        tmp_path / "two.jsonl",
+        [
+            ("s", b"220 mx.test ESMTP\r\n"),
+            ("c", b"EHLO hostile.example\r\n"),
+            ("s", EHLO_REPLY),
+            ("c", f"MAIL FROM:<{SENDER}>\r\n".encode()),
+            ("s", b"250 2.1.0 sender ok\r\n"),
+            ("c", f"RCPT TO:<{BOB}>\r\n".encode()),
+            ("s", b"250 2.1.5 recipient ok\r\n"),
+            ("c", f"BDAT {len(first)}\r\n".encode() + first),
+            ("s", b"250 2.0.0 chunk ok\r\n"),
+            ("c", f"BDAT {len(last)} LAST\r\n".encode() + last),
+            ("s", b"250 2.0.0 Ok: queued as 1A2B3C\r\n"),
+            ("c", b"QUIT\r\n"),
+            ("s", b"221 2.0.0 bye\r\n"),
+        ],
+    )
+    target = f"{aiosmtpd_server.host}:{aiosmtpd_server.port}"
+
+    code, lines, stderr = await run_replay(tmp_path, str(rec), "--to", target, "--timeout", "5")
+
+    (message,) = aiosmtpd_server.received.messages
+    assert message["to"] == [BOB] and message["content"] == first + last
+    assert code == 1, "\n".join(lines) + stderr
+    assert after(lines, f"   (not sent) BDAT {len(first)} (+{len(first)} octets)", 3)[1:] == [
+        "== its chunk goes in the DATA body below",
+        f"-> (message body from BDAT, {len(first + last)} octets)",
+    ]
 
 
 # -- the stuffing itself ----------------------------------------------------------
