@@ -130,6 +130,33 @@ def main() -> None:
     help="Give up dialing the upstream after this many seconds.",
 )
 @click.option(
+    "--handshake-timeout",
+    type=float,
+    default=30.0,
+    show_default=True,
+    callback=_positive,
+    help="Give up a TLS handshake after this many seconds (0: no limit); "
+    "a lower --idle-timeout wins for the client's.",
+)
+@click.option(
+    "--line-timeout",
+    type=float,
+    default=300.0,
+    show_default=True,
+    callback=_positive,
+    help="Close a session (421 4.4.2) whose client takes longer than this to send one "
+    "command line, from its first byte (0: never).",
+)
+@click.option(
+    "--message-timeout",
+    type=float,
+    default=3600.0,
+    show_default=True,
+    callback=_positive,
+    help="Close a session (421 4.4.2) whose client takes longer than this to send one "
+    "message, from its first byte; the upstream never gets a half message (0: never).",
+)
+@click.option(
     "--max-sessions",
     type=click.IntRange(min=1),
     default=1000,
@@ -195,6 +222,9 @@ def record(
     show_body: bool,
     idle_timeout: float,
     connect_timeout: float,
+    handshake_timeout: float,
+    line_timeout: float,
+    message_timeout: float,
     max_sessions: int,
     listen_tls: bool,
     upstream_tls: str,
@@ -272,6 +302,9 @@ def record(
         recordings=recordings,
         idle_timeout=idle_timeout,
         connect_timeout=connect_timeout,
+        handshake_timeout=handshake_timeout,
+        line_timeout=line_timeout,
+        message_timeout=message_timeout,
         max_sessions=max_sessions,
         listen_tls=listen_tls,
         upstream_tls=upstream_tls,

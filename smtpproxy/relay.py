@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import math
 import re
 import ssl
 from collections.abc import Callable
@@ -42,7 +43,13 @@ class ProxyConfig:
     recordings: Path | None = Path("recordings")
     idle_timeout: float = 300.0
     connect_timeout: float = 10.0
+    #: a TLS handshake must end within it (0: no limit); a lower idle_timeout
+    #: wins for the client's
     handshake_timeout: float = 30.0
+    #: a client's command line must end within it from its first byte (0: never)
+    line_timeout: float = 300.0
+    #: a client's message must end within it from its first byte (0: never)
+    message_timeout: float = 3600.0
     max_sessions: int = 1000
     #: clients speak TLS from the first byte (SMTPS, RFC 8314)
     listen_tls: bool = False
@@ -96,7 +103,16 @@ class Session:
         self._hello_reply: Reply | None = None
         self._resume_client = trio.Event()
         self._activity = trio.current_time()
-        self._idle_hit = False
+        self._deadline_hit = ""  # idle, line or message: what ended the session
+        self._watch: trio.CancelScope | None = None  # the watchdog's sleep
+        self._line_no = 0  # Conversation.open_line at the last client read
+        self._line_since = 0.0
+        self._message_no = 0  # Conversation.message_number at the last client read
+        self._message_since = 0.0
+        self._unsent = bytearray()  # a client's partial line, held while the proxy may answer STARTTLS
+        self._starttls_line = b""
+        self._mirror = proxy.config.upstream_tls == "mirror"
+        self._replies_seen: trio.Event | None = None
         self._done: dict[Side, bool] = {}
         self._scope = trio.CancelScope()
         self._held_out = bytearray()
@@ -173,8 +189,11 @@ class Session:
                     self._starttls_answered = True
                 elif ev.command in ("EHLO", "HELO"):
                     self._hello_reply = ev
-            elif type(ev) is Command and ev.verb in ("EHLO", "HELO"):
-                self._last_hello = ev.raw
+            elif type(ev) is Command:
+                if ev.verb in ("EHLO", "HELO"):
+                    self._last_hello = ev.raw
+                elif ev.verb == "STARTTLS":
+                    self._starttls_line = ev.raw
         rec = self.recorder
         if rec is not None:
             rec.report(trio.current_time() if now is None else now, events, fed, call, note)
@@ -263,10 +282,10 @@ class Session:
             self.observe([], call="implicit_tls")
         if not await self._connect():
             return False
-        if cfg.upstream_tls == "implicit" or (cfg.upstream_tls == "mirror" and cfg.listen_tls):
-            if not await self._upstream_handshake():
-                await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", "proxy_reply")
-                return False
+        implicit = cfg.upstream_tls == "implicit" or (cfg.upstream_tls == "mirror" and cfg.listen_tls)
+        if implicit and not await self._upstream_handshake():
+            await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", "proxy_reply")
+            return False
         return True
 
     async def _connect(self) -> bool:
@@ -298,13 +317,20 @@ class Session:
             self.observe([Note(Side.CLIENT, "tls_error", self.reason)])
             return False
         stream = trio.SSLStream(self.streams[Side.CLIENT], contexts.default, server_side=True)
+        limit = min((t for t in (cfg.handshake_timeout, cfg.idle_timeout) if t > 0), default=math.inf)
         try:
-            with trio.fail_after(cfg.handshake_timeout):
+            with trio.fail_after(limit):
                 async with self._locks[Side.CLIENT]:
                     await stream.do_handshake()
                     self.streams[Side.CLIENT] = stream
                     self._client_tls_silent = True
-        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+        except trio.TooSlowError:
+            # the proxy gave up on a silent or slow client: its decision, not the client's
+            self._end("proxy", f"TLS handshake with the client timed out after {limit:g}s")
+            self.observe([Note(Side.CLIENT, "tls_error", self.reason)])
+            await trio.aclose_forcefully(stream)
+            return False
+        except trio.BrokenResourceError as exc:
             cause = tls_reason(exc)
             sni = contexts.sni_of(stream._ssl_object)
             if sni:
@@ -346,7 +372,7 @@ class Session:
             self.streams[Side.SERVER], ctx, server_hostname=sni if not is_ip(sni) or ctx.check_hostname else None
         )
         try:
-            with trio.fail_after(cfg.handshake_timeout):
+            with trio.fail_after(cfg.handshake_timeout or math.inf):
                 async with self._locks[Side.SERVER]:
                     await stream.do_handshake()
                     self.streams[Side.SERVER] = stream
@@ -388,36 +414,97 @@ class Session:
         self._done = {Side.CLIENT: False, Side.SERVER: False}
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
-            if cfg.idle_timeout > 0:
-                nursery.start_soon(self._watchdog, cfg.idle_timeout)
+            nursery.start_soon(self._watchdog)
             nursery.start_soon(self._pump, Side.CLIENT)
             nursery.start_soon(self._pump, Side.SERVER)
-        if self._idle_hit and not self.closed_by:
-            self._end("proxy", f"idle for {cfg.idle_timeout:g}s")
-            self.observe([Note(Side.CLIENT, "idle_timeout", self.reason)])
-            await self._reply_to_client(421, f"4.4.2 smtpproxy: idle for {cfg.idle_timeout:g}s, closing", "proxy_reply")
+        hit = self._deadline_hit
+        if hit and not self.closed_by:
+            why = {
+                "idle": f"idle for {cfg.idle_timeout:g}s",
+                "line": f"command line not completed within {cfg.line_timeout:g}s",
+                "message": f"message not completed within {cfg.message_timeout:g}s",
+            }[hit]
+            self._end("proxy", why)
+            self.observe([Note(Side.CLIENT, f"{hit}_timeout", self.reason)])
+            await self._reply_to_client(421, f"4.4.2 smtpproxy: {why}, closing", "proxy_reply")
 
-    async def _watchdog(self, idle: float) -> None:
-        """End the session after ``idle`` seconds without a byte either way
-        (cheaper than moving a deadline on every read)."""
+    def _next_deadline(self) -> tuple[str, float]:
+        """The first deadline of the session and its name: ``idle_timeout``
+        after the last byte either way, ``line_timeout`` after the first byte
+        of a client's line still open, ``message_timeout`` after the first
+        byte of a message still open. The last two are whole-record limits,
+        as Postfix's ``smtpd_per_record_deadline``: a client trickling one
+        byte at a time keeps a session from going idle, not from ending."""
+        cfg = self.proxy.config
+        why, when = "", math.inf
+        if cfg.idle_timeout > 0:
+            why, when = "idle", self._activity + cfg.idle_timeout
+        if self._line_no and 0 < cfg.line_timeout and self._line_since + cfg.line_timeout < when:
+            why, when = "line", self._line_since + cfg.line_timeout
+        if self._message_no and 0 < cfg.message_timeout and self._message_since + cfg.message_timeout < when:
+            why, when = "message", self._message_since + cfg.message_timeout
+        return why, when
+
+    async def _watchdog(self) -> None:
+        """End the session when its first deadline passes. The idle deadline
+        is not moved on every read (cheaper): the watchdog wakes at the old
+        one and looks again. A line or message that begins brings the wake
+        forward (``_client_clocks``)."""
         while True:
-            wake = self._activity + idle
+            why, wake = self._next_deadline()
             if trio.current_time() >= wake:
-                self._idle_hit = True
+                self._deadline_hit = why
                 self._scope.cancel()
                 return
-            await trio.sleep_until(wake)
+            with trio.move_on_at(wake) as self._watch:
+                await trio.sleep_forever()
+
+    def _client_clocks(self, now: float) -> None:
+        """After a client read: start the clock of a line or message that
+        began in it, and stop that of one that ended."""
+        conv = self.conv
+        line = conv.open_line
+        if line != self._line_no:
+            self._line_no, self._line_since = line, now
+            if line and self.proxy.config.line_timeout > 0:
+                self._wake_by(now + self.proxy.config.line_timeout)
+        message = conv.message_number
+        if message != self._message_no:
+            self._message_no, self._message_since = message, now
+            if message and self.proxy.config.message_timeout > 0:
+                self._wake_by(now + self.proxy.config.message_timeout)
+
+    def _wake_by(self, when: float) -> None:
+        watch = self._watch
+        if watch is not None and when < watch.deadline:
+            watch.deadline = when
 
     def _needs_care(self, side: Side) -> bool:
         """Whether this read needs more than forwarding: a STARTTLS on its
-        way, or a mode that rewrites or holds what the server says."""
+        way or possible, a reply the client pump waits for, or a mode that
+        rewrites or holds what the server says."""
         if side is Side.CLIENT:
-            return self.conv.waiting_for == "STARTTLS"
+            return self.conv.waiting_for == "STARTTLS" or (not self._mirror and self._starttls_here())
         cfg = self.proxy.config
         return (
             self._starttls_answered
+            or self._replies_seen is not None
             or (cfg.upstream_tls == "starttls" and not self._upstream_upgraded)
             or (cfg.strip_starttls and not self.conv.encrypted)
+        )
+
+    def _starttls_here(self) -> bool:
+        """Whether the proxy answers the client's STARTTLS itself: the
+        upstream leg is settled (``--upstream-tls plain``, or already TLS
+        while the client's is not)."""
+        cfg = self.proxy.config
+        if cfg.upstream_tls == "plain":
+            return True
+        streams = self.streams
+        return (
+            cfg.upstream_tls != "mirror"
+            and isinstance(streams[Side.SERVER], trio.SSLStream)
+            and not isinstance(streams[Side.CLIENT], trio.SSLStream)
         )
 
     async def _pump(self, side: Side) -> None:
@@ -434,6 +521,8 @@ class Session:
                 if side is Side.CLIENT:
                     self._client_tls_silent = False
                 self.observe(conv.feed(side, data), now, fed=(side, data))
+                if side is Side.CLIENT:
+                    self._client_clocks(now)
                 if self._needs_care(side):
                     if not await self._with_care(side, data):
                         self._scope.cancel()
@@ -460,6 +549,9 @@ class Session:
             return
         # the client is done sending: pass the half-close on, and keep
         # reading the server's last replies
+        if self._unsent:
+            await self._send(other, bytes(self._unsent))
+            self._unsent.clear()
         try:
             await streams[other].send_eof()  # type: ignore[attr-defined]
         except (trio.BrokenResourceError, trio.ClosedResourceError, AttributeError):
@@ -468,21 +560,59 @@ class Session:
     async def _with_care(self, side: Side, data: bytes | bytearray) -> bool:
         """The rare reads: STARTTLS on either leg, ``--upstream-tls
         starttls`` and ``--strip-starttls``. False ends the session."""
+        if side is Side.CLIENT:
+            return await self._client_care(data)
+        try:
+            return await self._server_care(data)
+        finally:
+            if self._replies_seen is not None:
+                self._replies_seen.set()  # the client pump may be waiting for these replies
+
+    async def _client_care(self, data: bytes | bytearray) -> bool:
+        conv = self.conv
+        other = Side.SERVER
+        held = conv.held_client_bytes
+        if self._starttls_here():
+            # a command line goes upstream only once whole: the proxy answers
+            # a STARTTLS itself, so no byte of one may be passed on
+            unsent = self._unsent
+            unsent += data
+            if conv.waiting_for == "STARTTLS":
+                before = max(0, len(unsent) - held - len(self._starttls_line))
+                out = bytes(unsent[:before])
+                unsent.clear()  # what follows STARTTLS never goes on (RFC 3207 section 6)
+                if out:
+                    await self._send(other, out)
+                await self._replies_before_starttls()
+                return await self._local_starttls()
+            keep = held if conv.open_line else 0
+            if len(unsent) > keep:
+                out = bytes(unsent[: len(unsent) - keep])
+                del unsent[: len(unsent) - keep]
+                await self._send(other, out)
+            return True
+        # never carry bytes pipelined after STARTTLS into TLS
+        await self._send(other, data[: len(data) - held] if held else data)
+        await self._resume_client.wait()
+        self._resume_client = trio.Event()
+        return not self.closed_by
+
+    async def _replies_before_starttls(self) -> None:
+        """Wait until the server has answered every command the client sent
+        before the STARTTLS the proxy answers itself (the server pump passes
+        those replies on), so that the client gets each reply in its turn
+        (RFC 2920 section 3.1) and the proxy's 220 last."""
+        while self.conv.next_reply_for not in ("STARTTLS", None):
+            self._replies_seen = trio.Event()
+            try:
+                await self._replies_seen.wait()
+            finally:
+                self._replies_seen = None
+
+    async def _server_care(self, data: bytes | bytearray) -> bool:
         cfg = self.proxy.config
         conv = self.conv
-        other = side.other
-        if side is Side.CLIENT:
-            # never carry bytes pipelined after STARTTLS into TLS
-            held = conv.held_client_bytes
-            upstream_tls = isinstance(self.streams[other], trio.SSLStream)
-            client_tls = isinstance(self.streams[side], trio.SSLStream)
-            if cfg.upstream_tls == "plain" or (upstream_tls and not client_tls):
-                # the upstream leg is settled: STARTTLS is the client leg's business
-                return await self._local_starttls()
-            await self._send(other, data[: len(data) - held] if held else data)
-            await self._resume_client.wait()
-            self._resume_client = trio.Event()
-            return not self.closed_by
+        other = Side.CLIENT
         if self._starttls_answered:
             self._starttls_answered = False
             held = conv.held_server_bytes
@@ -513,7 +643,7 @@ class Session:
                 self._held_out.clear()
                 await self._send(other, out)
             return True
-        await self._send(other, self._strip_starttls(data))
+        await self._send(other, self._strip_starttls(data) if cfg.strip_starttls else data)
         return True
 
     async def _upstream_gone(self, side: Side) -> None:
@@ -526,22 +656,27 @@ class Session:
             return
         await self._reply_to_client(421, "4.4.2 smtpproxy: upstream closed the connection", "proxy_reply")
 
-    async def _exchange(self, line: bytes) -> Reply | None:
+    async def _exchange(self, conv: Conversation, line: bytes) -> tuple[Reply | None, bytes]:
         """Send one command upstream on the proxy's own account and read its
-        reply; both are recorded as notes (the client did not send it)."""
-        conv = Conversation(greeted=True)
+        reply through ``conv``; both are recorded as notes (the client did
+        not send it). Returns the reply and the bytes read after it."""
         conv.feed(Side.CLIENT, line)
         self.observe([Note(Side.CLIENT, "proxy_command", f"proxy sent upstream: {line.decode('utf-8', 'replace').strip()}", line)])
         await self._send(Side.SERVER, line)
-        with trio.fail_after(self.proxy.config.handshake_timeout):
+        got = bytearray()
+        with trio.fail_after(self.proxy.config.handshake_timeout or math.inf):
             while True:
                 data = await receive(self.streams[Side.SERVER])
                 if not data:
-                    return None
+                    return None, b""
+                got += data
+                used = 0  # the events' raw bytes are what the Conversation read, in order
                 for ev in conv.feed(Side.SERVER, data):
+                    used += len(ev.raw)
                     if isinstance(ev, Reply):
                         self.observe([Note(Side.SERVER, "proxy_reply_from_upstream", ev.text, ev.raw)])
-                        return ev
+                        return ev, bytes(got[used:])
+                del got[:used]
 
     async def _upgrade_upstream_now(self) -> bool:
         """``--upstream-tls starttls``: after the client's first EHLO, upgrade
@@ -549,16 +684,20 @@ class Session:
         client that reply instead. The client's own leg stays as it chose."""
         self._upstream_upgraded = True
         try:
-            reply = await self._exchange(b"STARTTLS\r\n")
+            conv = Conversation(greeted=True)
+            reply, _ = await self._exchange(conv, b"STARTTLS\r\n")
             if reply is None or reply.code != 220:
                 why = f"upstream refused STARTTLS: {reply.code} {reply.text}" if reply else "upstream closed"
                 self._end("proxy", why)
                 await self._reply_to_client(421, f"4.7.0 smtpproxy: {why}", "proxy_reply")
                 return False
+            # what the server sent after its 220 is not carried into TLS, and
+            # is flagged as in the default mode (RFC 3207 section 6)
+            self.observe(conv.tls_established())
             if not await self._upstream_handshake():
                 await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", "proxy_reply")
                 return False
-            again = await self._exchange(self._last_hello or b"EHLO smtpproxy\r\n")
+            again, rest = await self._exchange(Conversation(greeted=True), self._last_hello or b"EHLO smtpproxy\r\n")
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._end("proxy", f"upstream STARTTLS failed: {tls_reason(exc)}")
             await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", "proxy_reply")
@@ -568,14 +707,19 @@ class Session:
             return False
         self.observe([Note(Side.SERVER, "proxy_forwarded", "the client was given the upstream's EHLO reply after TLS")])
         await self._send(Side.CLIENT, again.raw)
+        if rest:
+            # the server said more after its EHLO reply: the session's own bytes
+            self.observe(self.conv.feed(Side.SERVER, rest), fed=(Side.SERVER, rest))
+            await self._send(Side.CLIENT, rest)
         return True
 
     async def _local_starttls(self) -> bool:
-        """``--upstream-tls plain``: answer the client's STARTTLS here and do
-        not pass it on; the upstream leg stays in clear."""
+        """``--upstream-tls plain`` (or an upstream already in TLS): answer
+        the client's STARTTLS here and do not pass it on."""
         reply = format_reply(220, "2.0.0 Ready to start TLS (answered by smtpproxy)")
         note = Note(Side.SERVER, "proxy_reply", "STARTTLS answered by the proxy", reply)
         self.observe(self.conv.feed(Side.SERVER, reply), fed=(Side.SERVER, reply), note=note)
+        self._starttls_answered = False  # the server did not answer it: its next bytes go on as they come
         return await self._starttls(False, reply)
 
     def _strip_starttls(self, data: bytes | bytearray) -> bytes:

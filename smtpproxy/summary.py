@@ -34,13 +34,19 @@ class SessionSummary:
     auth_mechanism: str | None = None
     auth_user: str | None = None
     auth_success: bool | None = None
+    #: the TLS version the client's leg ended up with (else the upstream's)
     tls: str | None = None
+    #: the client's TLS handshake failed: the session had no TLS with it
+    tls_failed: bool = False
     anomalies: int = 0
 
     def update(self, events: Iterable[Event]) -> None:
         for ev in events:
             kind = type(ev)
             if kind is Note:
+                if ev.side is Side.CLIENT and ev.kind == "tls_error":  # type: ignore[union-attr]
+                    # an upstream leg shaken hands with first (STARTTLS) is not the client's TLS
+                    self.tls, self.tls_failed = None, True
                 continue  # bytes the proxy itself sent, not a peer's
             if ev.side is Side.CLIENT:
                 self.bytes_from_client += len(ev.raw)
@@ -103,12 +109,15 @@ class SessionSummary:
             parts.append(f"AUTH {self.auth_mechanism} {self.auth_user or '?'} {outcome}")
         if self.tls:
             parts.append(self.tls)
+        elif self.tls_failed:
+            parts.append("TLS failed")
         return ", ".join(parts)
 
 
 def session_row(rec: Recording) -> tuple[str, ...]:
     """One row of ``smtpproxy show FOLDER``: start, session, client, upstream,
-    TLS, AUTH, accepted, rejected, how it ended, seconds."""
+    TLS (``failed`` when the client's handshake failed), AUTH, accepted,
+    rejected, how it ended, seconds."""
     summary = SessionSummary()
     summary.update(rec.events())
     auth = "-"
@@ -121,7 +130,7 @@ def session_row(rec: Recording) -> tuple[str, ...]:
         rec.header.session,
         rec.header.client,
         rec.header.upstream,
-        summary.tls or "-",
+        summary.tls or ("failed" if summary.tls_failed else "-"),
         auth,
         str(summary.messages_accepted),
         str(summary.messages_rejected),

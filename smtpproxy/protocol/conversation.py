@@ -191,6 +191,8 @@ class Conversation:
         self._waiting_on: _Pending | None = None
         self._shared: dict[str, _Pending] = {}
         self._message: _Message | None = None
+        self._messages = 0  # messages begun, for message_number
+        self._client_line_count = 0  # client lines ended, for open_line
         self._bdat_left = 0
         self._bdat_last = False
         self._sasl: SaslExchange | None = None
@@ -308,6 +310,29 @@ class Conversation:
         """True while the client is sending message content."""
         return self.client_state in (ClientState.DATA, ClientState.BDAT)
 
+    @property
+    def open_line(self) -> int:
+        """The number (from 1) of the client's command or SASL line begun
+        but not yet ended, or 0 when none is: a caller can give each line a
+        deadline of its own, as Postfix's ``smtpd_per_record_deadline`` does.
+        A line given up on as too long stays open until its end comes."""
+        state = self.client_state
+        if (state is ClientState.COMMAND or state is ClientState.AUTH) and (self._cbuf or self._client_lines.discard):
+            return self._client_line_count + 1
+        return 0
+
+    @property
+    def message_number(self) -> int:
+        """The number (from 1) of the message being transferred, from its
+        354 (or first BDAT chunk, RFC 3030) to its end, or 0 when none is."""
+        return self._messages if self._message is not None else 0
+
+    @property
+    def next_reply_for(self) -> str | None:
+        """The verb the server's next reply answers (``<greeting>`` first),
+        or None when nothing waits for one."""
+        return self._pending[0].verb if self._pending else None
+
     # -- client side ------------------------------------------------------
 
     def _anomaly(self, side: Side, kind: str, detail: str, once: bool = True) -> None:
@@ -340,6 +365,8 @@ class Conversation:
                 raw, pos, too_long, ended = self._client_lines.cut(buf, pos)
                 if raw is None:
                     break
+                if ended:
+                    self._client_line_count += 1
                 if too_long:
                     self._too_long(Side.CLIENT, raw)
                     if not ended:
@@ -384,7 +411,7 @@ class Conversation:
         waiting = self._waiting_on
         if waiting is not None and waiting.verb == "DATA":
             waiting.data_started = True
-            self._message = _Message("DATA")
+            self._message = self._new_message("DATA")
             return ClientState.DATA
         if waiting is not None and waiting.verb == "AUTH":
             return ClientState.AUTH
@@ -416,7 +443,7 @@ class Conversation:
                 self._bdat_last = len(parts) == 2 and parts[1].upper() == "LAST"
                 pending.last = self._bdat_last
                 if self._message is None:
-                    self._message = _Message("BDAT")
+                    self._message = self._new_message("BDAT")
                 if self._bdat_left:
                     self.client_state = ClientState.BDAT
                 elif self._bdat_last:
@@ -429,6 +456,10 @@ class Conversation:
             self._message = None  # a new transaction, or none (RFC 5321 4.1.1.5, RFC 3030)
         self._out.append(Command(raw, verb, arg, path, flags, auth))
         self._expect(pending)
+
+    def _new_message(self, via: str) -> _Message:
+        self._messages += 1
+        return _Message(via)
 
     def _plain_pending(self, verb: str) -> _Pending:
         """One shared entry per verb for commands that keep no state while
@@ -592,7 +623,7 @@ class Conversation:
             intermediate = True
             pending.data_started = True
             if self._waiting_on is pending:
-                self._message = _Message("DATA")
+                self._message = self._new_message("DATA")
                 release = ClientState.DATA
         elif verb == "AUTH" and code == 334:
             intermediate = True
