@@ -20,6 +20,7 @@ from conftest import smtpproxy_process, start_proxy, wait_for_sessions
 from rawpeers import Peer, RawUpstream, connect, only_recording
 
 from smtpproxy.events import Anomaly, MessageEnd, Note, Opaque, Reply, Side, TlsStart
+from smtpproxy.protocol import MAX_LINE, Conversation
 from smtpproxy.server import Sink
 from smtpproxy.summary import session_row
 from smtpproxy.tls import CertificateAuthority, ServerContexts, client_context
@@ -180,8 +181,10 @@ async def test_upstream_starttls_flags_and_keeps_bytes_sent_after_the_220(
         await server.send(b"220 2.0.0 go ahead\r\n250 injected\r\n")
         await _server_tls(server, upstream_ca)
         assert await server.until(b"\r\n") == b"EHLO client.example\r\n"
-        await server.send(b"250-raw.example\r\n250 AUTH PLAIN\r\n")
+        # and what follows its EHLO reply over TLS is the session's: passed on
+        await server.send(b"250-raw.example\r\n250 AUTH PLAIN\r\n250 more\r\n")
         assert await client.reply() == b"250-raw.example\r\n250 AUTH PLAIN\r\n"
+        assert await client.reply() == b"250 more\r\n"
         await client.send(b"QUIT\r\n")
         assert await server.until(b"\r\n") == b"QUIT\r\n"
         await server.send(b"221 bye\r\n")
@@ -370,3 +373,60 @@ async def test_client_trickling_a_message_is_closed_by_the_message_timeout(tmp_p
     assert rec.close is not None
     assert (rec.close.by, rec.close.reason) == ("proxy", "message not completed within 1s")
     assert [e.complete for e in rec.events() if isinstance(e, MessageEnd)] == [False]
+
+
+# -- what the observer knows: the line and message in progress ----------------
+
+
+def test_open_line_numbers_each_partial_client_line_afresh() -> None:
+    """A pipelining client whose reads end mid-line starts a new line each
+    time: each gets its own number, so its deadline starts afresh."""
+    conv = Conversation()
+    conv.feed(Side.SERVER, b"220 hi\r\n")
+    assert conv.open_line == 0
+    conv.feed(Side.CLIENT, b"NOOP\r\nNO")
+    first = conv.open_line
+    conv.feed(Side.CLIENT, b"OP")
+    assert conv.open_line == first != 0
+    conv.feed(Side.CLIENT, b"\r\nNO")
+    assert conv.open_line == first + 1
+    conv.feed(Side.CLIENT, b"OP\r\n")
+    assert conv.open_line == 0
+
+
+def test_open_line_stays_open_through_a_line_given_up_on() -> None:
+    conv = Conversation()
+    conv.feed(Side.SERVER, b"220 hi\r\n")
+    conv.feed(Side.CLIENT, b"X" * (MAX_LINE + 10))
+    line = conv.open_line
+    assert line and conv.held_client_bytes == 0
+    conv.feed(Side.CLIENT, b"X" * 10)
+    assert conv.open_line == line
+    conv.feed(Side.CLIENT, b"\r\n")
+    assert conv.open_line == 0
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "byte-by-byte"])
+def test_message_number_spans_data_body_and_bdat_chunks(split: bool) -> None:
+    conv = Conversation()
+    seen: list[int] = []
+
+    def feed(side: Side, data: bytes) -> None:
+        for piece in [data[i : i + 1] for i in range(len(data))] if split else [data]:
+            conv.feed(side, piece)
+            seen.append(conv.message_number)
+
+    feed(Side.SERVER, b"220 hi\r\n")
+    feed(Side.CLIENT, b"EHLO c\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n")
+    feed(Side.SERVER, b"250 hi\r\n250 ok\r\n250 ok\r\n")
+    assert conv.message_number == 0
+    feed(Side.SERVER, b"354 go\r\n")
+    assert conv.message_number == 1
+    feed(Side.CLIENT, b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    assert conv.message_number == 0
+    feed(Side.SERVER, b"250 queued\r\n")
+    feed(Side.CLIENT, b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nBDAT 3\r\nabc")
+    assert conv.message_number == 2  # open between chunks too
+    feed(Side.CLIENT, b"BDAT 2 LAST\r\nde")
+    assert conv.message_number == 0
+    assert set(seen) == {0, 1, 2}
