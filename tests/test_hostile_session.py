@@ -201,6 +201,53 @@ async def test_upstream_starttls_flags_and_keeps_bytes_sent_after_the_220(
     assert "starttls_injection" in proxy.transcript()
 
 
+async def test_mirror_flags_and_keeps_bytes_the_server_sent_after_its_220(
+    tmp_path: Path, proxy_ca: CertificateAuthority, upstream_ca: trustme.CA
+) -> None:
+    """The default mode, for comparison: the same bytes after the server's
+    220 to the client's STARTTLS are flagged and kept, never passed on."""
+    async with trio.open_nursery() as nursery:
+        upstream = await RawUpstream().start(nursery)
+        proxy = await start_proxy(
+            nursery,
+            tmp_path,
+            upstream.address,
+            upstream_context=_upstream_context(upstream_ca),
+            upstream_sni="localhost",
+            server_contexts=_contexts(proxy_ca),
+        )
+        client = await connect(proxy.host, proxy.port)
+        server = await upstream.accept()
+        await _greet(client, server, b"250-raw.example\r\n250 STARTTLS\r\n")
+        await client.reply()
+        await client.send(b"STARTTLS\r\n")
+        assert await server.until(b"\r\n") == b"STARTTLS\r\n"
+        await server.send(b"220 2.0.0 go ahead\r\n250 injected\r\n")
+        await _server_tls(server, upstream_ca)
+        assert await client.reply() == b"220 2.0.0 go ahead\r\n"
+        tls = trio.SSLStream(
+            client.stream,
+            ssl.create_default_context(cafile=str(proxy_ca.cert_path)),
+            server_hostname="localhost",
+        )
+        with trio.fail_after(10):
+            await tls.do_handshake()
+        client.stream = tls
+        await client.send(b"EHLO client.example\r\n")
+        assert await server.until(b"\r\n") == b"EHLO client.example\r\n"
+        await server.send(b"250 raw.example\r\n")
+        assert await client.reply() == b"250 raw.example\r\n"
+        await trio.aclose_forcefully(client.stream)
+        await wait_for_sessions(proxy.proxy, 1)
+        nursery.cancel_scope.cancel()
+    assert b"injected" not in client.got
+    events = list(only_recording(proxy.recordings).events())
+    flagged = [e for e in events if isinstance(e, Anomaly) and e.kind == "starttls_injection"]
+    assert [e.side for e in flagged] == [Side.SERVER]
+    kept = [e for e in events if isinstance(e, Opaque) and e.side is Side.SERVER and e.raw != b""]
+    assert b"250 injected\r\n" in [e.raw for e in kept]
+
+
 # -- implicit TLS: a client that never shakes hands ---------------------------
 
 
