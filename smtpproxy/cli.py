@@ -8,7 +8,6 @@ import functools
 import json
 import os
 import re
-import signal
 import socket
 import stat
 import sys
@@ -45,7 +44,7 @@ from .tls import (
     default_home,
     private_keylog,
 )
-from .workers import WorkerGroup, plan
+from .workers import WorkerGroup, plan, stop_signals
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -426,12 +425,12 @@ async def _serve_sockets(proxy: Proxy, sockets: list[socket.socket]) -> None:
 
 
 def _stop_signals() -> contextlib.AbstractContextManager[AsyncIterator[int]]:
-    """SIGINT, SIGTERM and SIGHUP (a closed terminal or SSH session), caught
-    from here on; each stops the proxy the same way. Entered before the
-    banner is printed: a signal sent as soon as the banner shows must not
-    meet the default action (death, with recordings left without their close
-    line and no summary)."""
-    return trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    """SIGINT, SIGTERM and SIGHUP (a closed terminal or SSH session; not
+    under ``nohup``: workers.stop_signals), caught from here on; each stops
+    the proxy the same way. Entered before the banner is printed: a signal
+    sent as soon as the banner shows must not meet the default action
+    (death, with recordings left without their close line and no summary)."""
+    return trio.open_signal_receiver(*stop_signals())
 
 
 async def _first(signals: AsyncIterator[int]) -> None:

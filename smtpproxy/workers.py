@@ -30,7 +30,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["WorkerGroup", "available", "default_count", "plan"]
+__all__ = ["WorkerGroup", "available", "default_count", "plan", "stop_signals"]
 
 #: the listening backlog of each worker's socket
 BACKLOG = 4096
@@ -40,7 +40,16 @@ MIN_LIFETIME = 2.0
 #: after asking workers to stop, how long before they are killed
 STOP_GRACE = 20.0
 _PR_SET_PDEATHSIG = 1
-_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD}
+
+
+def stop_signals() -> set[signal.Signals]:
+    """The signals that stop the proxy: SIGINT, SIGTERM, and SIGHUP (a
+    closed terminal or SSH session) unless it was started ignoring SIGHUP
+    (``nohup``): that choice is kept."""
+    found = {signal.SIGINT, signal.SIGTERM}
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        found.add(signal.SIGHUP)
+    return found
 
 
 def available() -> bool:
@@ -135,7 +144,8 @@ class WorkerGroup:
         must not kill the parent by default action). The counts the workers
         return are summed into ``totals``; what went wrong is in
         ``problems``. True when every worker ended cleanly."""
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        signals = stop_signals() | {signal.SIGCHLD}
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
         workers: dict[int, _Worker] = {}
         ok = True
         stop_at: float | None = None
@@ -148,9 +158,9 @@ class WorkerGroup:
             while workers:
                 timeout = None if stop_at is None else 1.0
                 info = (
-                    signal.sigtimedwait(_SIGNALS, timeout)
+                    signal.sigtimedwait(signals, timeout)
                     if timeout
-                    else signal.sigwaitinfo(_SIGNALS)
+                    else signal.sigwaitinfo(signals)
                 )
                 if info is not None and info.si_signo != signal.SIGCHLD and stop_at is None:
                     stop_at = time.monotonic()

@@ -254,6 +254,56 @@ def test_sighup_mid_data_stops_like_sigterm(tmp_path: Path, workers: int) -> Non
     ]
 
 
+def _ignore_sighup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_under_nohup_sighup_is_still_ignored(tmp_path: Path, workers: int) -> None:
+    """Started ignoring SIGHUP (``nohup smtpproxy record &``), the proxy
+    keeps that choice: a hangup does not stop it."""
+    with smtpproxy_process("sink", "--listen", f"127.0.0.1:{free_port()}", cwd=tmp_path) as sink:
+        args = ["record", "--workers", str(workers), "--listen", f"127.0.0.1:{free_port()}",
+                "--upstream", f"127.0.0.1:{sink.port}", "--recordings", str(tmp_path / "rec")]  # fmt: skip
+        with smtpproxy_process(*args, cwd=tmp_path, preexec_fn=_ignore_sighup) as proxy:
+            pids = [proxy.proc.pid, *_children(proxy.proc.pid, 0 if workers == 1 else workers)]
+            for pid in pids:
+                # ignored, and neither caught nor held pending for a sigwait
+                assert _sighup_disposition(pid) == {"SigIgn"}
+                os.kill(pid, signal.SIGHUP)
+            with socket.create_connection(proxy.address, timeout=10) as client:
+                assert read_reply(client).startswith(b"220 ")  # still serving
+                client.sendall(b"QUIT\r\n")
+                assert read_reply(client).startswith(b"221 ")
+            assert proxy.proc.poll() is None
+            done = proxy.finish(signal.SIGTERM)
+        sink.finish()
+    assert done.returncode == 0, done.stderr
+    assert "smtpproxy: 1 session(s)" in done.stderr
+
+
+def _sighup_disposition(pid: int) -> set[str]:
+    """Which of the masks in /proc/PID/status hold SIGHUP."""
+    fields = dict(
+        line.split(":\t", 1)
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if ":\t" in line
+    )
+    bit = 1 << (signal.SIGHUP - 1)
+    return {name for name in ("SigBlk", "SigIgn", "SigCgt") if int(fields[name], 16) & bit}
+
+
+def _children(pid: int, count: int, timeout: float = 10) -> list[int]:
+    """The worker pids, once ``count`` of them run (the banner comes first)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        if len(found) == count or time.monotonic() > deadline:
+            assert len(found) == count, found
+            return found
+        time.sleep(0.02)
+
+
 # -- 7. modes of the key log, the CA folder and the CA key ----------------------
 
 
