@@ -9,14 +9,13 @@ initial response through the server's challenges and the client's answers.
 from __future__ import annotations
 
 import binascii
-from typing import TYPE_CHECKING
+import re
+from collections.abc import Iterable
+from dataclasses import replace
 
-from .events import AuthDecode
+from .events import AuthDecode, AuthResponse, Command, Event, Note, Opaque, Reply, Side
 
-if TYPE_CHECKING:
-    from .events import Event
-
-__all__ = ["REDACTED", "SECRET_FIELDS", "SaslExchange", "b64decode_text", "redact"]
+__all__ = ["REDACTED", "SECRET_FIELDS", "Redactor", "SaslExchange", "b64decode_text", "redact"]
 
 #: Field names that hold secrets; redaction removes exactly these.
 SECRET_FIELDS = frozenset({"password", "token", "digest"})
@@ -166,37 +165,119 @@ def _looks_like_sasl(line: bytes) -> bool:
     return len(text) >= 4 and b" " not in text and _b64(text.decode("ascii", "replace")) is not None
 
 
-def redact(ev: Event) -> Event:
-    """The event with passwords, tokens and CRAM-MD5 digests removed, in the
-    decoded fields and in the raw bytes alike (the raw line would give the
-    secret back by base64-decoding it). User names stay. The event gets the
-    ``redacted`` flag, so rebuilding the byte stream knows to leave it out.
+#: An AUTH line the observer reads cleanly: the verb, one space, a mechanism
+#: name (RFC 4422 section 3.1), optionally one space and a base64 initial
+#: response or ``=`` (RFC 4954 section 4). Servers also take other
+#: whitespace (Postfix any, OpenSMTPD and aiosmtpd a tab between the
+#: arguments: docs/interop.md); such a line is redacted whole.
+_CLEAN_AUTH = re.compile(rb"AUTH [A-Za-z0-9_-]{1,20}(?: (?:[A-Za-z0-9+/]+={0,2}|=))?\r?\n?", re.IGNORECASE)
+
+
+class Redactor:
+    """Takes passwords, tokens and CRAM-MD5 digests out of one session's
+    events (``--redact``), in the decoded fields and in the raw bytes alike
+    (the raw line would give the secret back by base64-decoding it). User
+    names stay. A redacted event gets the ``redacted`` flag, so rebuilding
+    the byte stream knows to leave it out.
 
     Erring on the side of secrecy: every client payload of a mechanism not
     known field by field (SCRAM, NTLM, DIGEST-MD5...) is removed whole; so is
-    a line read as an unknown command that is base64 (a SASL answer
-    pipelined after an AUTH the server refused), and any client bytes the
-    observer could not read (except TLS records)."""
-    from dataclasses import replace
+    an AUTH line not read cleanly (other whitespace, extra words), a line read
+    as an unknown command that is base64 (a SASL answer pipelined after an
+    AUTH the server refused), and any client bytes the observer could not
+    read (except TLS records).
 
-    from .events import AuthResponse, Command, Note, Opaque, Side
+    It keeps state for the session, because other events quote a redacted
+    line: the reply to it names its verb (for a base64 line read as a
+    command, the line itself, upper-cased), and a server may echo the
+    argument it refused (OpenSMTPD's ``504 ... AUTH method "..." not
+    supported``). Such fields are redacted too."""
 
-    if isinstance(ev, Opaque) and ev.side is Side.CLIENT and ev.reason != "tls":
-        return Note(Side.CLIENT, "redacted", f"{len(ev.raw)} octets the observer could not read ({ev.reason}), redacted")
-    if isinstance(ev, Command) and ev.auth is None and ev.verb not in _SMTP_VERBS and _looks_like_sasl(ev.raw):
-        return replace(ev, raw=f"{REDACTED}\r\n".encode(), verb=REDACTED.upper(), arg="", flags=tuple(ev.flags) + ("redacted",))
-    if not isinstance(ev, (Command, AuthResponse)) or ev.auth is None:
-        return ev
-    unknown = ev.auth.mechanism not in KNOWN_MECHANISMS
-    secret = SECRET_FIELDS.intersection(ev.auth.fields)
-    if not secret and not ev.auth.error and not unknown:
-        return ev
-    fields = {k: (REDACTED if k in SECRET_FIELDS or unknown else v) for k, v in ev.auth.fields.items()}
+    def __init__(self) -> None:
+        self._verbs: set[str] = set()
+        self._secrets: list[str] = []
+
+    def __call__(self, ev: Event) -> Event:
+        if isinstance(ev, Opaque) and ev.side is Side.CLIENT and ev.reason != "tls":
+            return Note(Side.CLIENT, "redacted", f"{len(ev.raw)} octets the observer could not read ({ev.reason}), redacted")
+        if isinstance(ev, Reply):
+            return self._reply(ev)
+        if isinstance(ev, Command):
+            if ev.verb == "AUTH" and not _CLEAN_AUTH.fullmatch(ev.raw):
+                return self._whole_auth(ev)
+            if ev.auth is None and ev.verb not in _SMTP_VERBS and (ev.verb.startswith("AUTH") or _looks_like_sasl(ev.raw)):
+                self._remember(ev.verb, _words(ev.raw))
+                return replace(ev, raw=f"{REDACTED}\r\n".encode(), verb=REDACTED.upper(), arg="", flags=(*ev.flags, "redacted"))
+        if not isinstance(ev, (Command, AuthResponse)) or ev.auth is None:
+            return ev
+        unknown = ev.auth.mechanism not in KNOWN_MECHANISMS
+        secret = SECRET_FIELDS.intersection(ev.auth.fields)
+        if not secret and not ev.auth.error and not unknown:
+            return ev
+        payload = _words(ev.raw)[2:] if isinstance(ev, Command) else _words(ev.raw)
+        self._remember(None, [*payload, *_secret_values(ev.auth)])
+        auth = _redacted_auth(ev.auth)
+        flags = (*ev.flags, "redacted")
+        if isinstance(ev, Command):
+            head = f"{ev.verb} {ev.auth.mechanism} {REDACTED}\r\n".encode()
+            return replace(ev, raw=head, arg=f"{ev.auth.mechanism} {REDACTED}", auth=auth, flags=flags)
+        return replace(ev, raw=f"{REDACTED}\r\n".encode(), text=REDACTED, auth=auth, flags=flags)
+
+    def _whole_auth(self, ev: Command) -> Event:
+        """An AUTH line not read cleanly: nothing of its argument is kept."""
+        self._remember(None, [*_words(ev.raw)[2:], ev.arg, *_secret_values(ev.auth)])
+        auth = _redacted_auth(ev.auth) if ev.auth is not None else None
+        return replace(
+            ev, raw=f"AUTH {REDACTED}\r\n".encode(), arg=REDACTED, auth=auth, flags=(*ev.flags, "redacted")
+        )
+
+    def _remember(self, verb: str | None, secrets: Iterable[str]) -> None:
+        """A redacted line: its verb (what the reply to it will name) and the
+        secrets a server may echo (payloads and decoded secrets)."""
+        if verb is not None:
+            self._verbs.add(verb)
+        for word in secrets:
+            word = word.strip()
+            if len(word) >= 4 and word not in self._secrets and len(self._secrets) < 64:
+                self._secrets.append(word)
+
+    def _reply(self, ev: Reply) -> Event:
+        command = ev.command
+        if command is not None and command in self._verbs:
+            command = REDACTED.upper()
+        raw = ev.raw
+        if self._secrets:
+            low = raw.decode("utf-8", "replace")
+            folded = low.casefold()
+            if any(s.casefold() in folded for s in self._secrets):
+                for s in self._secrets:
+                    low = re.sub(re.escape(s), REDACTED, low, flags=re.IGNORECASE)
+                raw = low.encode("utf-8")
+        if command == ev.command and raw is ev.raw:
+            return ev
+        lines = tuple(line[4:] for line in raw.decode("utf-8", "replace").splitlines())
+        return replace(ev, raw=raw, command=command, lines=lines, flags=(*ev.flags, "redacted"))
+
+
+def _words(raw: bytes) -> list[str]:
+    return raw.decode("utf-8", "replace").split()
+
+
+def _secret_values(auth: AuthDecode | None) -> list[str]:
+    if auth is None:
+        return []
+    return [v for k, v in auth.fields.items() if k in SECRET_FIELDS or k == "text"]
+
+
+def _redacted_auth(auth: AuthDecode) -> AuthDecode:
+    unknown = auth.mechanism not in KNOWN_MECHANISMS
+    fields = {k: (REDACTED if k in SECRET_FIELDS or unknown else v) for k, v in auth.fields.items()}
     if "text" in fields:
         fields["text"] = REDACTED
-    auth = AuthDecode(ev.auth.mechanism, fields, ev.auth.error)
-    flags = tuple(ev.flags) + ("redacted",)
-    if isinstance(ev, Command):
-        head = f"{ev.verb} {ev.auth.mechanism} {REDACTED}\r\n".encode()
-        return replace(ev, raw=head, arg=f"{ev.auth.mechanism} {REDACTED}", auth=auth, flags=flags)
-    return replace(ev, raw=f"{REDACTED}\r\n".encode(), text=REDACTED, auth=auth, flags=flags)
+    return AuthDecode(auth.mechanism, fields, auth.error)
+
+
+def redact(ev: Event) -> Event:
+    """One event redacted on its own (``Redactor`` redacts a session, and
+    with it the fields of later events that quote a redacted line)."""
+    return Redactor()(ev)

@@ -20,7 +20,7 @@ from pathlib import Path
 import trio
 
 from . import accept
-from .auth import redact
+from .auth import Redactor
 from .events import Command, Event, Note, Reply, Side, TlsEstablished
 from .net import connect_reason, format_address, is_ip, tls_reason
 from .protocol import MAX_LINE, Conversation, format_reply
@@ -89,6 +89,7 @@ class Session:
         self.proxy = proxy
         self.id = new_session_id()
         self.conv = Conversation()
+        self._redactor = Redactor() if proxy.config.redact else None
         self.summary = SessionSummary()
         self.streams: dict[Side, trio.abc.Stream] = {Side.CLIENT: client}
         # one writer at a time per peer, and none while its TLS handshake runs
@@ -180,8 +181,9 @@ class Session:
         relaying."""
         if note is not None:
             events = note_in_place(note, events)
-        if self.proxy.config.redact:
-            events = [redact(e) for e in events]
+        redactor = self._redactor
+        if redactor is not None:
+            events = [redactor(e) for e in events]
         for ev in events:
             if type(ev) is Reply:
                 self._last_server_code = ev.code

@@ -37,11 +37,11 @@ __all__ = ["Transcript", "format_auth", "json_visible", "visible"]
 #: C1 controls (ESC starts colours, titles and OSC 8 links, CR rewrites the
 #: line, U+009B is a one-byte CSI), and the bidirectional overrides that can
 #: reorder what is shown ("Trojan Source"). Each is shown as its escape.
-_CONTROLS = [*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)]
+_CONTROLS = [*range(0x20), 0x7F, *range(0x80, 0xA0)]
 _BIDI = [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029]
 _VISIBLE = {
     **{c: f"\\x{c:02x}" for c in _CONTROLS},
-    **{0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"},
+    0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r",
     **{c: f"\\u{c:04x}" for c in _BIDI},
 }
 #: What the json module leaves raw in a string (DEL, C1, the overrides), as

@@ -150,8 +150,10 @@ def test_one_unreadable_recording_does_not_hide_the_others(good: Path, tmp_path:
     assert done.returncode == 1, done
     assert len(done.lines) == 2 and session in done.lines[1]
     assert done.stderr.splitlines() == [
-        f"Error: {broken}:1: damaged header: session \"../x\" is not a session id "
-        "(8 to 32 lowercase hex digits) (skipped)",
+        (
+            f"Error: {broken}:1: damaged header: session \"../x\" is not a session id "
+            "(8 to 32 lowercase hex digits) (skipped)"
+        ),
         "1 of 2 recording(s) could not be read",
     ]
 

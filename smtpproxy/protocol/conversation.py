@@ -425,7 +425,9 @@ class Conversation:
         auth: AuthDecode | None = None
         pending = _Pending(verb) if verb in _STATEFUL else self._plain_pending(verb)
         if verb == "AUTH":
-            mech, _, initial = arg.strip().partition(" ")
+            # servers split AUTH's arguments on any whitespace, not just one
+            # space (Postfix, aiosmtpd; OpenSMTPD on SP and HT): docs/interop.md
+            mech, initial = (arg.split(None, 1) + ["", ""])[:2]
             self._sasl = SaslExchange(mech)
             self._auth_pending = pending
             self._auth_cancelled = False

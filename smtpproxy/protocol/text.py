@@ -248,9 +248,17 @@ def line_text(raw: bytes) -> str:
     return decode_line(raw)[0]
 
 
+#: What ends a command's verb. RFC 5321 says SP; Postfix also takes any
+#: other whitespace (``AUTH<TAB>PLAIN ...`` authenticates), so the observer
+#: reads such a line as the server does (docs/interop.md).
+_VERB_END = re.compile(r"[ \t\x0b\x0c\r]")
+
+
 def split_command(text: str) -> tuple[str, str, str | None]:
     """Verb (upper-cased), argument and, for MAIL and RCPT, the path."""
     verb, _, arg = text.partition(" ")
+    if not verb.isalpha() and _VERB_END.search(verb):
+        verb, arg = _VERB_END.split(text, 1)
     verb = verb.upper()
     return verb, arg, parse_path(arg) if verb in ("MAIL", "RCPT") else None
 
