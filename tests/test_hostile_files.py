@@ -52,9 +52,18 @@ def _with_session(good: Path, folder: Path, session: object) -> Path:
 
 @pytest.mark.parametrize(
     "session",
-    ["../../victim/settings.x", "/tmp/smtpproxy-victim/settings", "..", "ABCDEF12.x", "12345678/..", 7],
+    [
+        "../../victim/settings.x",
+        "/tmp/smtpproxy-victim/settings",
+        "..",
+        "ABCDEF12.x",
+        "12345678/..",
+        7,
+    ],
 )
-def test_export_refuses_a_session_that_is_not_an_id(good: Path, tmp_path: Path, session: object) -> None:
+def test_export_refuses_a_session_that_is_not_an_id(
+    good: Path, tmp_path: Path, session: object
+) -> None:
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "settings.x").write_text("keep me")
@@ -96,7 +105,9 @@ def test_export_does_not_follow_a_planted_symlink_or_overwrite(good: Path, tmp_p
     assert json.loads(existing.read_text())["session"] == session
 
 
-def test_two_recordings_claiming_one_session_do_not_overwrite_each_other(good: Path, tmp_path: Path) -> None:
+def test_two_recordings_claiming_one_session_do_not_overwrite_each_other(
+    good: Path, tmp_path: Path
+) -> None:
     copy = tmp_path / "rec" / good.name.replace(".jsonl", "-copy.jsonl")
     copy.parent.mkdir()
     copy.write_bytes(good.read_bytes())
@@ -130,7 +141,9 @@ def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
 
 def test_a_line_longer_than_any_recording_writes_is_refused(good: Path, tmp_path: Path) -> None:
     lines = good.read_text("utf-8").splitlines(keepends=True)
-    note = json.dumps({"t": 0.1, "type": "note", "side": "server", "kind": "x", "text": "A" * (17 << 20)})
+    note = json.dumps(
+        {"t": 0.1, "type": "note", "side": "server", "kind": "x", "text": "A" * (17 << 20)}
+    )
     bad = tmp_path / "20200101T000000000Z-long.jsonl"
     bad.write_text(lines[0] + note + "\n" + "".join(lines[1:]), "utf-8")
     done = run_cli(tmp_path, "show", str(bad))
@@ -151,7 +164,7 @@ def test_one_unreadable_recording_does_not_hide_the_others(good: Path, tmp_path:
     assert len(done.lines) == 2 and session in done.lines[1]
     assert done.stderr.splitlines() == [
         (
-            f"Error: {broken}:1: damaged header: session \"../x\" is not a session id "
+            f'Error: {broken}:1: damaged header: session "../x" is not a session id '
             "(8 to 32 lowercase hex digits) (skipped)"
         ),
         "1 of 2 recording(s) could not be read",
@@ -165,4 +178,3 @@ def test_one_unreadable_recording_does_not_hide_the_others(good: Path, tmp_path:
 
     done = run_cli(tmp_path, "show", "--json", str(folder))
     assert done.returncode == 1 and len(done.lines) > 10
-

@@ -133,7 +133,9 @@ async def test_auth_with_other_whitespace_is_read_as_servers_read_it_and_redacte
     assert 'AUTH PLAIN user "user@domain.com" succeeded (235)' in transcript.stdout
 
 
-async def test_base64_lines_after_a_refused_auth_do_not_leak_through_the_replies(tmp_path: Path) -> None:
+async def test_base64_lines_after_a_refused_auth_do_not_leak_through_the_replies(
+    tmp_path: Path,
+) -> None:
     """The server refuses AUTH LOGIN (504); the client pipelined its two
     answers, which the server reads as commands and answers 500. The replies
     name the command they answer: that must not be the answer upper-cased."""
@@ -153,7 +155,11 @@ async def test_base64_lines_after_a_refused_auth_do_not_leak_through_the_replies
     (path,) = proxy.recording_paths()
     shown = run_cli(tmp_path, "show", "--json", str(path))
     _assert_nowhere(
-        {"recording": path.read_bytes(), "show --json": shown.stdout.encode(), "transcript": proxy.transcript().encode()},
+        {
+            "recording": path.read_bytes(),
+            "show --json": shown.stdout.encode(),
+            "transcript": proxy.transcript().encode(),
+        },
         [SECRET.encode()],
     )
     assert b'"command":"<REDACTED>"' in path.read_bytes()
@@ -177,7 +183,11 @@ async def test_a_server_that_echoes_the_refused_argument_does_not_leak_it(tmp_pa
         await _ehlo_reply(client)
         await client.send(line)
         await server.until(b"\r\n")
-        echo = b'504 5.7.4 Security features not supported: AUTH method "PLAIN\x0b' + PLAIN + b'" not supported\r\n'
+        echo = (
+            b'504 5.7.4 Security features not supported: AUTH method "PLAIN\x0b'
+            + PLAIN
+            + b'" not supported\r\n'
+        )
         await server.send(echo)
         assert await client.reply() == echo  # relayed unchanged: only the recording is redacted
         await client.close()
@@ -187,7 +197,11 @@ async def test_a_server_that_echoes_the_refused_argument_does_not_leak_it(tmp_pa
     (path,) = proxy.recording_paths()
     shown = run_cli(tmp_path, "show", "--json", str(path))
     _assert_nowhere(
-        {"recording": path.read_bytes(), "show --json": shown.stdout.encode(), "transcript": proxy.transcript().encode()},
+        {
+            "recording": path.read_bytes(),
+            "show --json": shown.stdout.encode(),
+            "transcript": proxy.transcript().encode(),
+        },
         [SECRET.encode(), PLAIN],
     )
     assert "Security features not supported: AUTH method" in shown.stdout
