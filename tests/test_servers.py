@@ -125,6 +125,7 @@ async def through_proxy(
     server: Server,
     proxy_ca: CertificateAuthority,
     client: Callable[[int], Awaitable[tuple[int, bytes]]],
+    **options: Any,
 ) -> Session:
     """Start the proxy in front of ``server`` (trusting its CA, showing clients
     leaves of ``proxy_ca``), run ``client(proxy port)`` to its end, wait for
@@ -135,6 +136,7 @@ async def through_proxy(
         "server_contexts": ServerContexts(["localhost", "127.0.0.1"], ca=proxy_ca),
         "upstream_context": upstream,
         "upstream_sni": "localhost",
+        **options,
     }
     async with trio.open_nursery() as nursery:
         proxy = await start_proxy(nursery, tmp_path, server.address, **config)
@@ -1016,3 +1018,46 @@ def test_strict_ignores_cram_md5_challenges() -> None:
     a = postfix_reply(b"334 PDUwMTU1MzcwNC43NTg4ODVAcG9zdGZpeC50ZXN0Pg==\r\n")
     b = postfix_reply(b"334 PDEzMjg4NjgyMDkuNzU4ODg2QHBvc3RmaXgudGVzdD4=\r\n")
     assert compare_replies(a, b, strict=True) == []
+
+
+# -- AUTH arguments with other whitespace (issue 12: --redact) -------------------------
+
+
+@servers("postfix", "opensmtpd")
+@pytest.mark.parametrize(("space", "name"), [(b"\t", "tab"), (b"\x0b", "vertical tab")])
+async def test_auth_plain_with_other_whitespace_is_read_and_redacted(
+    tmp_path: Path, server: Server, proxy_ca: CertificateAuthority, space: bytes, name: str
+) -> None:
+    """What each server makes of ``AUTH PLAIN<space><base64>`` (docs/interop.md),
+    and that ``--redact`` keeps the password out whatever it made of it:
+    OpenSMTPD refuses the vertical tab and echoes the whole argument."""
+    import base64
+
+    plain = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+
+    async def client(port: int) -> tuple[int, bytes]:
+        def run() -> tuple[int, bytes]:
+            ctx = ssl.create_default_context(cafile=str(proxy_ca.cert_path))
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+                s.starttls(context=ctx)
+                s.ehlo("client.example")
+                s.putcmd("AUTH", "PLAIN" + space.decode() + plain.decode())
+                code, text = s.getreply()
+                s.quit()
+            return code, text
+
+        result: tuple[int, bytes] = await trio.to_thread.run_sync(run)
+        return result
+
+    done = await through_proxy(tmp_path, server, proxy_ca, client, redact=True)
+    accepted = not (server.name == "opensmtpd" and name == "vertical tab")
+    assert done.returncode == (235 if accepted else 504), done.output
+    if not accepted:
+        assert plain in done.output  # the echo the recording must not keep
+    data = next(tmp_path.glob("recordings/*.jsonl")).read_bytes().lower()
+    # the password is the word "password": look for it as a value, not a field name
+    for secret in (b': "password"', b':"password"', plain, base64.b64encode(PASSWORD.encode())):
+        assert secret.lower() not in data, secret
+    results = [e for e in done.events() if isinstance(e, AuthResult)]
+    if accepted:
+        assert [(r.mechanism, r.user, r.success) for r in results] == [("PLAIN", USER, True)]
