@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Union
+from typing import ClassVar
 
 
 class Side(enum.Enum):
@@ -207,16 +207,16 @@ class Note:
     raw: bytes = b""
 
 
-Event = Union[
-    Command,
-    AuthResponse,
-    Reply,
-    MessageData,
-    MessageEnd,
-    AuthResult,
-    TlsStart,
-    Opaque,
-    Anomaly,
-    TlsEstablished,
-    Note,
-]
+Event = (
+    Command
+    | AuthResponse
+    | Reply
+    | MessageData
+    | MessageEnd
+    | AuthResult
+    | TlsStart
+    | Opaque
+    | Anomaly
+    | TlsEstablished
+    | Note
+)

@@ -374,7 +374,7 @@ def decode_event(d: Mapping[str, Any], headers: Callable[[], dict[str, str]] | N
     elif cls is MessageEnd and "headers" not in kwargs:
         kwargs["headers"] = headers() if headers is not None else {}
     if cls in _ONE_SIDED:
-        fixed: Side = getattr(cls, "side")
+        fixed: Side = getattr(cls, "side")  # noqa: B009  (a ClassVar of the one-sided events)
         if "side" in d and Side(d["side"]) is not fixed:
             raise ValueError(f"a {d['type']} comes from the {fixed.value}, not the {d['side']}")
     else:

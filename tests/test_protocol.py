@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from scripts import (
     BDAT_SESSION,
     PIPELINED,
@@ -15,6 +14,7 @@ from scripts import (
     SEED_AUTH_PLAIN,
     SEED_PLAIN_SESSION,
 )
+
 from smtpproxy.events import (
     Anomaly,
     AuthResponse,

@@ -8,8 +8,8 @@ import stat
 from pathlib import Path
 
 import trio
-
 from conftest import AioServer, start_proxy, wait_for_sessions
+
 from smtpproxy.events import AuthResponse, AuthResult, Command, MessageEnd, Reply, Side
 from smtpproxy.recording import read_recording
 

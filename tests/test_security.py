@@ -4,8 +4,8 @@ private recordings, file names free of client input, and a bounded soak."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import gc
+import hashlib
 import hmac
 import os
 import re

@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import smtplib
 import ssl
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import trio
 import trustme
+from conftest import (
+    AioServer,
+    Received,
+    _Authenticator,
+    _Handler,
+    free_port,
+    start_proxy,
+    wait_for_sessions,
+)
 
-from conftest import AioServer, Received, _Authenticator, _Handler, free_port, start_proxy, wait_for_sessions
 from smtpproxy.events import Anomaly, Command, Note, Reply, Side, TlsEstablished
 from smtpproxy.recording import read_recording
 from smtpproxy.tls import CertificateAuthority, ServerContexts, client_context
