@@ -7,9 +7,11 @@ sends a body only when the server asked for it with 354, and stops cleanly
 when the server's behaviour leaves the recording behind. Parsing is the
 ``Conversation``'s; the comparison rules are ``diff``'s.
 
-Message content never goes where the server may read it as commands: BDAT
-chunks go only to a server that offers CHUNKING (to one that does not, the
-message goes with DATA, dot-stuffed), and none after a refused chunk.
+Message content never goes where the server may read it as commands: a DATA
+body goes as its content dot-stuffed again, only after 354 and only when the
+recording holds its end; BDAT chunks go only to a server that offers CHUNKING
+(to one that does not, the message goes with DATA, dot-stuffed), and none
+after a refused chunk.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .diff import Exchange, compare_replies, exchanges_of
 from .events import Command, Event, MessageData, MessageEnd, Reply, Side, TlsEstablished
 from .net import connect_reason, format_address, tls_reason
 from .protocol import ClientState, Conversation, line_text, split_command
-from .protocol.text import dot_stuff
+from .protocol.text import Unstuffer, dot_stuff
 from .recording import Recorder, Recording, new_session_id
 from .tls import client_context, handshake_facts
 
@@ -107,6 +109,7 @@ class _Replayer:
         self._index: dict[int, int] = {}
         self._proxy_starttls = False
         self._chunks: dict[int, tuple[bytes, bool, bool]] = {}
+        self._bodies: dict[int, tuple[bytes, bool]] = {}
 
     # -- I/O --------------------------------------------------------------
 
@@ -212,7 +215,8 @@ class _Replayer:
                 if self.conv.client_state is ClientState.AUTH:
                     await self._send(b"*\r\n")
                     await self._reply()
-                await self._send(b"QUIT\r\n")
+                if not self.conv.in_message:  # QUIT would be message content
+                    await self._send(b"QUIT\r\n")
             except _Stop:
                 pass
 
@@ -254,6 +258,12 @@ class _Replayer:
             if ex.kind == "unsolicited":
                 i += 1
                 continue
+            if ex.kind == "body":
+                i = await self._data_body(exs, i)
+                continue
+            if ex.kind == "command" and ex.verb == "DATA" and self._cut_short(exs, i):
+                i = await self._drop_data(exs, i)
+                continue
             if ex.kind == "command" and ex.verb == "BDAT" and not self._may_send_chunk(ex):
                 if "CHUNKING" not in self.conv.capabilities:
                     i = await self._bdat_as_data(exs, i)
@@ -270,6 +280,7 @@ class _Replayer:
                     and exs[j].kind == "command"
                     and exs[j].group == ex.group
                     and (exs[j].verb != "BDAT" or self._may_send_chunk(exs[j]))
+                    and (exs[j].verb != "DATA" or not self._cut_short(exs, j))
                 ):
                     group.append(exs[j])
                     j += 1
@@ -327,6 +338,74 @@ class _Replayer:
                 self._skip(exs[nxt], f"the target ended AUTH with {reply.code}")
                 nxt += 1
         return nxt
+
+    # -- DATA bodies (RFC 5321 section 4.1.1.4) -----------------------------
+
+    def _content(self, ex: Exchange) -> tuple[bytes, bool]:
+        """A recorded DATA body as the message content a server stored (the
+        dot-stuffing undone, RFC 5321 section 4.5.2), and whether the body
+        ends with its terminator in the recording."""
+        known = self._bodies.get(id(ex))
+        if known is None:
+            unstuffer = Unstuffer()
+            content = unstuffer.feed(ex.client)
+            known = (content, unstuffer.done)
+            self._bodies[id(ex)] = known
+        return known
+
+    def _cut_short(self, exs: list[Exchange], i: int) -> bool:
+        """Whether the DATA at ``i`` is followed by a body the recording
+        holds without its end: after 354 the target would wait for the rest,
+        and no command could follow it."""
+        nxt = i + 1
+        return nxt < len(exs) and exs[nxt].kind == "body" and not self._content(exs[nxt])[1]
+
+    async def _drop_data(self, exs: list[Exchange], i: int) -> int:
+        """Send neither the DATA at ``i`` nor its body cut short; RSET
+        unless the recording ends the transaction itself."""
+        why = "the recorded message is cut short (no '.' line ends its body)"
+        self._skip(exs[i], why)
+        self._skip(exs[i + 1], why)
+        await self._clean(exs, i + 2)
+        return i + 2
+
+    async def _data_body(self, exs: list[Exchange], i: int) -> int:
+        """Send a recorded DATA body as its content dot-stuffed again, so
+        that the only '.' line a server can find, strict about CRLF or not,
+        is the terminator (RFC 5321 sections 4.5.2 and 2.3.8): the recorded
+        octets may hold a '.' line between bare CR or LF, after which a
+        lenient server would read the rest as commands. A body of CRLF
+        lines goes byte for byte as recorded. It goes only while the target
+        waits for message data (its 354 to the DATA before it)."""
+        ex = exs[i]
+        content, whole = self._content(ex)
+        if self.conv.client_state is not ClientState.DATA:
+            self._skip(ex, "the target is not reading message data")
+            return i + 1
+        if not whole:
+            self._skip(ex, "the recorded message is cut short (no '.' line ends its body)")
+            raise _Stop("the recorded message is cut short; the connection closes before its end")
+        wire, ends_changed = dot_stuff(content)
+        await self._send(wire)
+        reply = await self._reply()
+        note = None
+        if ends_changed:
+            note = "line ends made CRLF for DATA (RFC 5321 section 2.3.8)"
+        elif wire != ex.client:
+            note = (
+                "a leading dot not doubled in the recording is left off, "
+                "as a server takes it off (RFC 5321 section 4.5.2)"
+            )
+        step = self._step(ex, reply, note)
+        if wire != ex.client:
+            what = "a bare CR or LF" if ends_changed else "a line with a leading dot not doubled"
+            why = f"sent as its content, dot-stuffed again: the recorded body has {what}"
+            step.reasons.insert(0, why)
+            step.payload = wire
+            step.shown = ex.label
+        if reply is None:
+            raise _Stop("the target closed the connection")
+        return i + 1
 
     # -- BDAT (RFC 3030) ---------------------------------------------------
 

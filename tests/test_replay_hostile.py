@@ -463,3 +463,236 @@ def test_dot_stuff_examples() -> None:
     assert dot_stuff(b".\r\n") == (b"..\r\n.\r\n", False)
     assert dot_stuff(b"a\r\n.b\r\n..c") == (b"a\r\n..b\r\n...c\r\n.\r\n", True)
     assert dot_stuff(b"a\n.\rb\r\n") == (b"a\r\n..\r\nb\r\n.\r\n", True)
+
+
+# -- a recorded DATA body ---------------------------------------------------------
+
+#: what follows the '.' line of a smuggling body: a second transaction for a
+#: recipient the recording never named
+SMUGGLED = (
+    b"MAIL FROM:<smuggled@evil>\r\n"
+    b"RCPT TO:<victim@example.com>\r\n"
+    b"DATA\r\n"
+    b"Subject: smuggled\r\n"
+    b"\r\n"
+    b"owned\r\n"
+)
+HEAD = b"Subject: hostile\r\n\r\nhello"
+#: (the line end, '.', line end the recorded body holds; what a strict
+#: server stores for them; the same re-stuffed on the wire)
+DOT_LINES = [
+    pytest.param(b"\n.\n", b"\r\n.\r\n", b"\r\n..\r\n", id="lf-dot-lf"),
+    pytest.param(b"\r.\r\n", b"\r\n.\r\n", b"\r\n..\r\n", id="cr-dot-crlf"),
+    pytest.param(b"\n.\r\n", b"\r\n.\r\n", b"\r\n..\r\n", id="lf-dot-crlf"),
+    pytest.param(b"\r\n.\r", b"\r\n\r\n", b"\r\n\r\n", id="crlf-dot-cr"),
+    pytest.param(b"\r\n.\n", b"\r\n\r\n", b"\r\n\r\n", id="crlf-dot-lf"),
+]
+
+
+#: the replies of the DATA recordings below, by command; a raw server that
+#: gives the same ones lets a replay match the recording step for step
+DATA_REPLIES = {
+    b"EHLO": b"250-mx.test greets hostile.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+    b"MAIL": b"250 2.1.0 sender ok\r\n",
+    b"RCPT": b"250 2.1.5 recipient ok\r\n",
+    b"DATA": b"354 End data with <CR><LF>.<CR><LF>\r\n",
+    b"<body>": b"250 2.0.0 Ok: queued as 1A2B3C\r\n",
+    b"NOOP": b"250 2.0.0 Ok\r\n",
+    b"QUIT": b"221 2.0.0 bye\r\n",
+}
+
+
+def data_recording(path: Path, body: bytes) -> Path:
+    """One message sent with DATA and this recorded body (the wire octets
+    after 354, its terminator included unless the recording was cut short),
+    then NOOP and QUIT; with no terminator, the recording ends in the body."""
+    reads = [("s", b"220 mx.test ESMTP\r\n")]
+    for client in (
+        b"EHLO hostile.example\r\n",
+        f"MAIL FROM:<{SENDER}>\r\n".encode(),
+        f"RCPT TO:<{BOB}>\r\n".encode(),
+        b"DATA\r\n",
+    ):
+        reads += [("c", client), ("s", DATA_REPLIES[client.split()[0]])]
+    reads.append(("c", body))
+    if body.endswith(b"\r\n.\r\n"):
+        reads.append(("s", DATA_REPLIES[b"<body>"]))
+        for verb in (b"NOOP", b"QUIT"):
+            reads += [("c", verb + b"\r\n"), ("s", DATA_REPLIES[verb])]
+    return write_recording(path, reads)
+
+
+async def data_server(upstream: RawUpstream, commands: list[bytes], bodies: list[bytes]) -> None:
+    """One session of a strict server without CHUNKING that answers as the
+    recordings above say, and keeps the exact octets of each command line
+    and of each DATA body it reads (up to CRLF.CRLF, RFC 5321 4.1.1.4); it
+    ends at QUIT or when the client closes."""
+    peer = await upstream.accept()
+    await peer.send(b"220 raw.test ESMTP\r\n")
+    try:
+        while True:
+            line = await peer.until(b"\r\n")
+            commands.append(line)
+            verb = line.split()[0].upper() if line.split() else b""
+            await peer.send(DATA_REPLIES.get(verb, b"250 2.0.0 ok\r\n"))
+            if verb == b"DATA":
+                start = peer.mark
+                await peer.until(b"\r\n.\r\n")
+                bodies.append(bytes(peer.got[start : peer.mark]))
+                await peer.send(DATA_REPLIES[b"<body>"])
+            elif verb == b"QUIT":
+                return
+    except AssertionError:
+        if not peer.eof:
+            raise  # the client closed the connection: the session is over
+
+
+@pytest.mark.parametrize(("dot_line", "stored", "wire"), DOT_LINES)
+async def test_a_recorded_data_body_with_a_lenient_dot_line_delivers_one_message(
+    aiosmtpd_server: AioServer, tmp_path: Path, dot_line: bytes, stored: bytes, wire: bytes
+) -> None:
+    """The body holds a '.' line with a bare CR or LF, then a second
+    transaction: sent as its content re-stuffed, the target reads one
+    message and the smuggled commands as its text."""
+    body = HEAD + dot_line + SMUGGLED + b".\r\n"
+    rec = data_recording(tmp_path / "smuggle.jsonl", body)
+    target = f"{aiosmtpd_server.host}:{aiosmtpd_server.port}"
+
+    code, lines, stderr = await run_replay(tmp_path, str(rec), "--to", target, "--timeout", "5")
+
+    messages = aiosmtpd_server.received.messages
+    assert [(m["from"], m["to"]) for m in messages] == [(SENDER, [BOB])], messages
+    assert messages[0]["content"] == HEAD + stored + SMUGGLED
+    assert code == 1, "\n".join(lines) + stderr
+    size = len(Unstuffer().feed(body))
+    assert after(lines, f"-> (message body, {size} octets)", 4)[1:] == [
+        "<- 250 2.0.0 OK queued",
+        "== line ends made CRLF for DATA (RFC 5321 section 2.3.8)",
+        (
+            "!! differs: sent as its content, dot-stuffed again: the recorded body has a bare CR or LF "
+            "(recorded: 250 2.0.0 Ok: queued as 1A2B3C)"
+        ),
+    ]
+    assert after(lines, "-> NOOP", 2)[1] == "<- 250 OK"
+
+
+@pytest.mark.parametrize(("dot_line", "stored", "wire"), DOT_LINES)
+async def test_a_recorded_data_body_reaches_the_server_with_no_dot_line_before_its_end(
+    nursery: trio.Nursery, tmp_path: Path, dot_line: bytes, stored: bytes, wire: bytes
+) -> None:
+    """The exact octets a server reads after 354: no line that is only '.'
+    before the terminator, for a reader that ends lines at CRLF, LF or CR."""
+    rec = data_recording(tmp_path / "smuggle.jsonl", HEAD + dot_line + SMUGGLED + b".\r\n")
+    upstream = await RawUpstream().start(nursery)
+    commands: list[bytes] = []
+    bodies: list[bytes] = []
+    nursery.start_soon(data_server, upstream, commands, bodies)
+
+    code, lines, stderr = await run_replay(
+        tmp_path, str(rec), "--to", f"127.0.0.1:{upstream.address[1]}", "--timeout", "5"
+    )
+
+    (got,) = bodies
+    assert b"." not in lenient_lines(got)[:-2], got
+    assert got == HEAD + wire + SMUGGLED + b".\r\n"
+    assert commands == [
+        b"EHLO hostile.example\r\n",
+        f"MAIL FROM:<{SENDER}>\r\n".encode(),
+        f"RCPT TO:<{BOB}>\r\n".encode(),
+        b"DATA\r\n",
+        b"NOOP\r\n",
+        b"QUIT\r\n",
+    ]
+    assert code == 1, "\n".join(lines) + stderr
+    assert lines[-1] == "8 exchanges, 1 differ"  # the body, re-stuffed
+
+
+async def test_an_ordinary_recorded_data_body_is_sent_byte_for_byte(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """CRLF lines, stuffed dots and all: re-stuffing the content gives the
+    recorded octets back, and nothing is noted or counted."""
+    body = b"Subject: plain\r\n\r\n..leading dot\r\n...two\r\n..\r\nx.\r\n\r\n.\r\n"
+    rec = data_recording(tmp_path / "plain.jsonl", body)
+    upstream = await RawUpstream().start(nursery)
+    commands: list[bytes] = []
+    bodies: list[bytes] = []
+    nursery.start_soon(data_server, upstream, commands, bodies)
+
+    code, lines, stderr = await run_replay(
+        tmp_path, str(rec), "--to", f"127.0.0.1:{upstream.address[1]}", "--timeout", "5"
+    )
+
+    assert bodies == [body]
+    size = len(Unstuffer().feed(body))
+    assert after(lines, f"-> (message body, {size} octets)", 3)[1:] == [
+        "<- 250 2.0.0 Ok: queued as 1A2B3C",
+        "-> NOOP",
+    ]
+    assert code == 0, "\n".join(lines) + stderr
+    assert lines[-1] == "8 exchanges, 0 differ"
+
+
+async def test_a_recorded_data_body_cut_short_is_not_sent(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The recording ends inside the body (no terminating '.' line): the
+    target would wait for its end, and a lenient one might end it at the
+    bare-LF '.' line and read the rest as commands. Neither DATA nor the body
+    is sent."""
+    body = HEAD + b"\n.\n" + SMUGGLED
+    rec = data_recording(tmp_path / "cut.jsonl", body)
+    upstream = await RawUpstream().start(nursery)
+    commands: list[bytes] = []
+    bodies: list[bytes] = []
+    nursery.start_soon(data_server, upstream, commands, bodies)
+
+    code, lines, stderr = await run_replay(
+        tmp_path, str(rec), "--to", f"127.0.0.1:{upstream.address[1]}", "--timeout", "3"
+    )
+
+    assert commands == [
+        b"EHLO hostile.example\r\n",
+        f"MAIL FROM:<{SENDER}>\r\n".encode(),
+        f"RCPT TO:<{BOB}>\r\n".encode(),
+    ]
+    assert bodies == [] and b"smuggled" not in upstream.peers[0].got
+    why = "the recorded message is cut short (no '.' line ends its body)"
+    assert after(lines, "   (not sent) DATA", 3)[1:] == [
+        f"== {why}",
+        f"!! differs: not sent: {why} (recorded: 354 End data with <CR><LF>.<CR><LF>)",
+    ]
+    assert f"== {why}" in after(lines, f"   (not sent) (message body, {len(body)} octets)", 2)
+    assert code == 1, "\n".join(lines) + stderr
+    assert lines[-1] == "6 exchanges, 1 differ"
+
+
+async def test_a_leading_dot_the_recorded_client_did_not_double_is_sent_as_the_server_read_it(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """A server takes the first '.' off a line that starts with one (RFC
+    5321 4.5.2), doubled or not: the replay sends the line as it was stored,
+    and says the bytes changed."""
+    rec = data_recording(tmp_path / "dot.jsonl", b"Subject: dot\r\n\r\n.hidden\r\n.\r\n")
+    upstream = await RawUpstream().start(nursery)
+    commands: list[bytes] = []
+    bodies: list[bytes] = []
+    nursery.start_soon(data_server, upstream, commands, bodies)
+
+    code, lines, stderr = await run_replay(
+        tmp_path, str(rec), "--to", f"127.0.0.1:{upstream.address[1]}", "--timeout", "5"
+    )
+
+    assert bodies == [b"Subject: dot\r\n\r\nhidden\r\n.\r\n"]
+    assert code == 1, "\n".join(lines) + stderr
+    assert after(lines, "-> (message body, 24 octets)", 4)[1:] == [
+        "<- 250 2.0.0 Ok: queued as 1A2B3C",
+        (
+            "== a leading dot not doubled in the recording is left off, as a server takes it off "
+            "(RFC 5321 section 4.5.2)"
+        ),
+        (
+            "!! differs: sent as its content, dot-stuffed again: the recorded body has a line with "
+            "a leading dot not doubled (recorded: 250 2.0.0 Ok: queued as 1A2B3C)"
+        ),
+    ]
