@@ -1,9 +1,10 @@
-"""Pure comparison of SMTP sessions: exchanges, the rules that say whether
-two replies are the same, and the alignment of two recordings.
+"""Pure comparison of SMTP sessions: the rules that say whether two
+replies (and two commands) are the same, and the alignment of two recordings.
 
-An *exchange* is what the client sent in one step (a command line, a SASL
-answer, a message body, a BDAT chunk) and the reply it got. Replay and diff
-both reason in exchanges; the comparison rules live here, in one place:
+An *exchange* (``protocol.steps``) is what the client sent in one step (a
+command line, a SASL answer, a message body, a BDAT chunk), what it means,
+and the reply it got. Replay and diff both reason in exchanges; the
+comparison rules live here, in one place:
 
 * default: same reply code and same enhanced status code (RFC 3463);
 * ``strict``: also the same text after :func:`normalise_text` masks what
@@ -18,21 +19,12 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .auth import b64decode_text
-from .events import (
-    AuthDecode,
-    AuthResponse,
-    Command,
-    Event,
-    MessageData,
-    MessageEnd,
-    Reply,
-    TlsEstablished,
-)
-from .protocol import GREETING
+from .events import Event, Reply, TlsEstablished
+from .protocol import Exchange, StepKind, exchanges
 
 if TYPE_CHECKING:
     from .recording import Recording
@@ -40,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Difference",
     "Exchange",
+    "compare_commands",
     "compare_replies",
     "diff_sessions",
     "exchanges",
@@ -47,79 +40,6 @@ __all__ = [
     "format_unified",
     "normalise_text",
 ]
-
-
-@dataclass
-class Exchange:
-    """One client step and the reply to it."""
-
-    kind: str  # greeting | command | auth | body | unsolicited
-    verb: str  # the command verb, "<auth>", "<body>" or "<greeting>"
-    client: bytes = b""  # the raw bytes the client sent for this step
-    reply: Reply | None = None
-    group: float | None = None  # steps sent in one write share a group
-    auth: AuthDecode | None = None
-    message: MessageEnd | None = None
-    extra: list[bytes] = field(default_factory=list)
-
-    @property
-    def label(self) -> str:
-        if self.kind == "greeting":
-            return "(greeting)"
-        if self.kind == "body":
-            size = self.message.size if self.message else len(self.client)
-            return f"(message body, {size} octets)"
-        if self.kind == "unsolicited":
-            return "(unsolicited reply)"
-        line = self.client.split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", "backslashreplace")
-        if self.verb == "BDAT":
-            return line + f" (+{len(self.client) - len(line) - 2} octets)"
-        return line
-
-
-def exchanges(events: Iterable[Event], times: Iterable[float] | None = None) -> list[Exchange]:
-    """Split a session's events into exchanges; replies are matched to the
-    client's steps in order (RFC 5321 4.1.1; RFC 2920 keeps that order)."""
-    out: list[Exchange] = []
-    unanswered: list[Exchange] = []
-    tlist = list(times) if times is not None else None
-    open_body: Exchange | None = None
-    for i, ev in enumerate(events):
-        t = tlist[i] if tlist is not None else None
-        match ev:
-            case Command():
-                open_body = None
-                ex = Exchange("command", ev.verb, ev.raw, group=t, auth=ev.auth)
-                out.append(ex)
-                unanswered.append(ex)
-                if ev.verb == "BDAT":
-                    open_body = ex
-            case AuthResponse():
-                ex = Exchange("auth", "<auth>", ev.raw, group=None, auth=ev.auth)
-                out.append(ex)
-                unanswered.append(ex)
-            case MessageData(via="DATA"):
-                if open_body is None or open_body.kind != "body":
-                    open_body = Exchange("body", "<body>", b"", group=None)
-                    out.append(open_body)
-                    unanswered.append(open_body)
-                open_body.client += ev.raw
-            case MessageData():
-                if open_body is not None:
-                    open_body.client += ev.raw
-            case MessageEnd():
-                if open_body is not None:
-                    open_body.message = ev
-                    if open_body.kind == "body":
-                        open_body = None
-            case Reply(command=cmd) if cmd == GREETING:
-                out.append(Exchange("greeting", GREETING, reply=ev))
-            case Reply(command=None):
-                out.append(Exchange("unsolicited", "<unsolicited>", reply=ev))
-            case Reply():
-                if unanswered:
-                    unanswered.pop(0).reply = ev
-    return out
 
 
 def exchanges_of(recording: Recording) -> list[Exchange]:
@@ -260,22 +180,73 @@ def _key(ex: Exchange) -> str:
     return ex.verb
 
 
+def _auth_users(exs: Sequence[Exchange]) -> dict[int, str | None]:
+    """The user each AUTH command authenticated as, decoded from its initial
+    response or the SASL answers after it (by the AUTH exchange's index)."""
+    out: dict[int, str | None] = {}
+    current: int | None = None
+    for i, ex in enumerate(exs):
+        if ex.kind == StepKind.COMMAND:
+            current = i if ex.verb == "AUTH" else None
+            if current is not None:
+                out[i] = None
+        if current is not None and ex.auth is not None and out[current] is None:
+            out[current] = ex.auth.fields.get("user")
+    return out
+
+
+def compare_commands(
+    a: Exchange, b: Exchange, users: tuple[str | None, str | None] = (None, None), strict: bool = False
+) -> list[str]:
+    """How two aligned commands differ in what they mean: MAIL and RCPT
+    paths and ESMTP parameters (values masked as reply texts are, so a SIZE
+    that differs by a Date header's length is the same), BDAT sizes and
+    LAST, AUTH mechanism and decoded user (``users``); ``strict`` adds the
+    raw text. Empty when they mean the same."""
+    if a.kind != StepKind.COMMAND or b.kind != StepKind.COMMAND:
+        return []
+    out: list[str] = []
+    pa, pb = a.args, b.args
+    if a.verb in ("MAIL", "RCPT"):
+        if pa.path != pb.path:
+            out.append(f"path <{pa.path}> -> <{pb.path}>")
+        for key in sorted(set(pa.params) | set(pb.params)):
+            if key not in pb.params:
+                out.append(f"parameter {key} removed")
+            elif key not in pa.params:
+                out.append(f"parameter {key} added")
+            elif normalise_text(pa.params[key]) != normalise_text(pb.params[key]):
+                out.append(f"parameter {key}={pa.params[key]} -> {key}={pb.params[key]}")
+    elif a.verb == "BDAT":
+        if (pa.size, pa.last) != (pb.size, pb.last):
+            out.append(f"chunk {pa.size}{' LAST' if pa.last else ''} -> {pb.size}{' LAST' if pb.last else ''}")
+    elif a.verb == "AUTH":
+        if pa.mechanism != pb.mechanism:
+            out.append(f"mechanism {pa.mechanism} -> {pb.mechanism}")
+        if users[0] != users[1]:
+            out.append(f"user {users[0]} -> {users[1]}")
+    if strict and a.client != b.client:
+        out.append("the client sent a different line")
+    return out
+
+
 def diff_sessions(
     a: Sequence[Exchange], b: Sequence[Exchange], strict: bool = False
 ) -> tuple[int, list[Difference]]:
     """Align two sessions' exchanges (by the sequence of steps, as ``diff``
-    aligns lines) and compare each aligned pair. Returns the number of
+    aligns lines) and compare each aligned pair: what the commands mean
+    (:func:`compare_commands`) and the replies (:func:`compare_replies`). Returns the number of
     exchanges compared and the differences."""
     matcher = difflib.SequenceMatcher(a=[_key(x) for x in a], b=[_key(x) for x in b], autojunk=False)
+    users_a, users_b = _auth_users(a), _auth_users(b)
     diffs: list[Difference] = []
     count = 0
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
         if tag == "equal":
             for i, j in zip(range(i1, i2), range(j1, j2)):
                 count += 1
-                reasons = compare_replies(a[i].reply, b[j].reply, strict)
-                if a[i].kind == "command" and a[i].client != b[j].client and strict:
-                    reasons.append("the client sent a different line")
+                reasons = compare_commands(a[i], b[j], (users_a.get(i), users_b.get(j)), strict)
+                reasons += compare_replies(a[i].reply, b[j].reply, strict)
                 if reasons:
                     diffs.append(Difference(i, a[i].label, a[i].reply, b[j].reply, reasons, a[i].label, b[j].label))
             continue

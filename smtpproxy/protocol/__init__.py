@@ -1,18 +1,30 @@
 """The SMTP protocol, sans I/O: the one parser of the project.
 
 ``Conversation`` (in ``conversation.py``) is the state machine of a session;
-``text.py`` holds the stateless pieces it is built from. Nothing here imports
+``text.py`` holds the stateless pieces it is built from; ``steps.py`` gives
+each step its meaning (parsed arguments, the exchange of a command and its
+reply, its position in the session). Nothing here imports
 trio, ssl or sockets.
 """
 
 from .conversation import (
-    GREETING,
     MAX_HOLD,
     MAX_LINE,
     MAX_PENDING,
     ClientState,
     Conversation,
     MessageHeads,
+)
+from .steps import (
+    GREETING,
+    NEW_TRANSACTION,
+    Args,
+    Exchange,
+    Position,
+    StepKind,
+    exchanges,
+    parse_args,
+    parse_params,
 )
 from .text import (
     MAX_HEADER,
@@ -33,6 +45,14 @@ from .text import (
 
 __all__ = [
     "GREETING",
+    "NEW_TRANSACTION",
+    "Args",
+    "Exchange",
+    "Position",
+    "StepKind",
+    "exchanges",
+    "parse_args",
+    "parse_params",
     "MAX_HEADER",
     "MAX_HOLD",
     "MAX_LINE",

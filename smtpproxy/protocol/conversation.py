@@ -37,6 +37,7 @@ from ..events import (
     Side,
     TlsStart,
 )
+from .steps import GREETING, NEW_TRANSACTION, parse_args
 from .text import MessageHead, decode_line, enhanced_code, parse_capabilities, split_command
 
 __all__ = ["GREETING", "MAX_HOLD", "MAX_LINE", "MAX_PENDING", "ClientState", "Conversation", "MessageHeads"]
@@ -51,11 +52,6 @@ MAX_HOLD = 1024 * 1024
 MAX_PENDING = 1_000_000
 #: Verbs whose pending entry carries state (or is waited on).
 _STATEFUL = frozenset({"AUTH", "DATA", "STARTTLS", "BDAT"})
-#: Commands that start a new transaction or none (RFC 5321 4.1.1.5, RFC 3030):
-#: a message begun before them is dropped.
-_NEW_TRANSACTION = frozenset({"RSET", "EHLO", "HELO", "MAIL"})
-
-GREETING = "<greeting>"
 _TERM = b"\r\n.\r\n"
 
 
@@ -154,7 +150,7 @@ class MessageHeads:
         elif kind is MessageEnd or kind is TlsStart:
             self.head = MessageHead()
         elif kind is Command:
-            if ev.verb in _NEW_TRANSACTION:  # type: ignore[union-attr]
+            if ev.verb in NEW_TRANSACTION:  # type: ignore[union-attr]
                 self.head = MessageHead()
         elif kind is Reply:
             r: Reply = ev  # type: ignore[assignment]
@@ -425,24 +421,24 @@ class Conversation:
         auth: AuthDecode | None = None
         pending = _Pending(verb) if verb in _STATEFUL else self._plain_pending(verb)
         if verb == "AUTH":
-            # servers split AUTH's arguments on any whitespace, not just one
-            # space (Postfix, aiosmtpd; OpenSMTPD on SP and HT): docs/interop.md
-            mech, initial = (arg.split(None, 1) + ["", ""])[:2]
-            self._sasl = SaslExchange(mech)
+            args = parse_args(verb, arg)
+            self._sasl = SaslExchange(args.mechanism or "")
             self._auth_pending = pending
             self._auth_cancelled = False
-            if initial.strip():
-                auth = self._sasl.initial(initial)
+            if args.initial:
+                auth = self._sasl.initial(args.initial)
             if not self.encrypted:
                 self._anomaly(Side.CLIENT, "auth_in_clear", "AUTH sent on a connection that is not encrypted")
             self._wait(pending)
         elif verb in ("DATA", "STARTTLS"):
             self._wait(pending)
         elif verb == "BDAT":
-            parts = arg.split()
-            if parts and parts[0].isascii() and parts[0].isdigit() and len(parts) <= 2:
-                self._bdat_left = int(parts[0])
-                self._bdat_last = len(parts) == 2 and parts[1].upper() == "LAST"
+            # the chunk is read whatever the rest of the line says (RFC 3030
+            # section 2: a server reads it, then answers)
+            args = parse_args(verb, arg)
+            if args.size is not None:
+                self._bdat_left = args.size
+                self._bdat_last = args.last
                 pending.last = self._bdat_last
                 if self._message is None:
                     self._message = self._new_message("BDAT")
@@ -454,7 +450,7 @@ class Conversation:
                     self._out.append(self._message.end(complete=True))
                     self._message = None
                     return
-        elif verb in _NEW_TRANSACTION:
+        elif verb in NEW_TRANSACTION:
             self._message = None  # a new transaction, or none (RFC 5321 4.1.1.5, RFC 3030)
         self._out.append(Command(raw, verb, arg, path, flags, auth))
         self._expect(pending)
