@@ -1,28 +1,61 @@
-"""Pure SASL decoders for the payloads of SMTP AUTH (RFC 4954).
+"""SASL both ways for SMTP AUTH (RFC 4954): decoders for what a client and a
+server said, encoders for what a client sends.
 
 Nothing here does I/O or raises on bad input: a payload that is not valid
 base64, or does not have its mechanism's shape, gives an ``AuthDecode`` whose
-``error`` says so. One ``SaslExchange`` follows one AUTH command from its
-initial response through the server's challenges and the client's answers.
+``error`` is an ``AuthError`` member saying so. One ``SaslExchange`` follows
+one AUTH command from its initial response through the server's challenges
+and the client's answers. The encoders (``plain``, ``login``, ``cram_md5``,
+``xoauth2``, ``oauthbearer`` and ``client_response``, which picks one) make
+the base64 payloads replay sends with new credentials.
 """
 
 from __future__ import annotations
 
+import base64
 import binascii
+import hashlib
+import hmac
 import re
 from collections.abc import Iterable
 from dataclasses import replace
 
-from .events import AuthDecode, AuthResponse, Command, Event, Note, Opaque, Reply, Side
+from .events import (
+    SECRET_FIELDS,
+    AuthDecode,
+    AuthError,
+    AuthResponse,
+    Command,
+    Event,
+    Note,
+    Opaque,
+    Reply,
+    Side,
+)
 
-__all__ = ["REDACTED", "SECRET_FIELDS", "Redactor", "SaslExchange", "b64decode_text", "redact"]
+__all__ = [
+    "KNOWN_MECHANISMS",
+    "REDACTED",
+    "SECRET_FIELDS",
+    "AuthError",
+    "Redactor",
+    "SaslExchange",
+    "b64decode",
+    "b64decode_text",
+    "client_response",
+    "cram_md5",
+    "login",
+    "oauthbearer",
+    "plain",
+    "redact",
+    "xoauth2",
+]
 
-#: Field names that hold secrets; redaction removes exactly these.
-SECRET_FIELDS = frozenset({"password", "token", "digest"})
 
-
-def _b64(payload: str) -> bytes | None:
-    """Decode strict base64; ``=`` alone is the empty payload (RFC 4954 section 4)."""
+def b64decode(payload: str) -> bytes | None:
+    """Decode strict base64, or None when it is not base64; never raises.
+    ``=`` alone is the empty payload (RFC 4954 section 4). The one base64
+    decoder for SASL payloads: the observer, diff and replay all use it."""
     payload = payload.strip()
     if payload == "=":
         return b""
@@ -38,8 +71,83 @@ def _text(data: bytes) -> str:
 
 def b64decode_text(payload: str) -> str | None:
     """The text a base64 payload stands for, or None if it is not base64."""
-    data = _b64(payload)
+    data = b64decode(payload)
     return None if data is None else _text(data)
+
+
+# -- encoders: what a client sends --------------------------------------------------
+
+
+def plain(user: str, password: str, authzid: str = "") -> bytes:
+    """The PLAIN initial response, ``authzid NUL authcid NUL passwd`` in
+    base64 (RFC 4616 section 2)."""
+    return base64.b64encode(f"{authzid}\0{user}\0{password}".encode())
+
+
+def login(answer: str) -> bytes:
+    """A LOGIN answer (the user name or the password) in base64; LOGIN is
+    the de facto mechanism of draft-murchison-sasl-login."""
+    return base64.b64encode(answer.encode())
+
+
+def cram_md5(user: str, password: str, challenge: bytes) -> bytes:
+    """The CRAM-MD5 answer to a decoded challenge: ``user SP digest``, the
+    digest being HMAC-MD5 of the challenge keyed with the password, in
+    lower-case hex (RFC 2195 section 2), in base64."""
+    digest = hmac.new(password.encode(), challenge, hashlib.md5).hexdigest()
+    return base64.b64encode(f"{user} {digest}".encode())
+
+
+def xoauth2(user: str, token: str) -> bytes:
+    """The XOAUTH2 initial response, ``user=U ^A auth=Bearer T ^A ^A`` in
+    base64 (Google's XOAUTH2 protocol, the model of RFC 7628)."""
+    return base64.b64encode(f"user={user}\x01auth=Bearer {token}\x01\x01".encode())
+
+
+def oauthbearer(user: str, token: str, host: str | None = None, port: int | None = None) -> bytes:
+    """The OAUTHBEARER initial response (RFC 7628 section 3.1): a GS2
+    header naming the user (``,`` and ``=`` escaped, RFC 5801 section 4),
+    then ``host``, ``port`` and ``auth=Bearer T`` as ^A-separated pairs."""
+    saslname = user.replace("=", "=3D").replace(",", "=2C")
+    pairs = f"host={host}\x01" if host else ""
+    pairs += f"port={port}\x01" if port is not None else ""
+    pairs += f"auth=Bearer {token}\x01"
+    return base64.b64encode(f"n,a={saslname},\x01{pairs}\x01".encode())
+
+
+def client_response(
+    mechanism: str, user: str, password: str, challenge: str | None
+) -> bytes | AuthError:
+    """What a client with these credentials sends next in an AUTH exchange,
+    as the base64 payload of the line: the initial response when
+    ``challenge`` is None, else the answer to the text of a 334 reply.
+    Returns the ``AuthError`` that keeps it from answering instead: a
+    challenge that is not base64 (RFC 4954 section 4), CRAM-MD5 without a
+    challenge, a mechanism it has no encoder for.
+
+    LOGIN answers the user name first and the password to a prompt that
+    says "pass"; an OAuth error challenge (JSON) gets the dummy answer
+    that ends the exchange (RFC 7628 section 3.2.3)."""
+    mech = mechanism.upper()
+    if mech not in KNOWN_MECHANISMS:
+        return AuthError.UNKNOWN_MECHANISM
+    said = None if challenge is None else b64decode(challenge)
+    if challenge is not None and said is None:
+        return AuthError.BAD_BASE64
+    if mech == "PLAIN":
+        return plain(user, password)
+    if mech == "LOGIN":
+        wants_password = said is not None and b"pass" in said.lower()
+        return login(password if wants_password else user)
+    if mech == "CRAM-MD5":
+        if said is None:
+            return AuthError.NO_CHALLENGE
+        return cram_md5(user, password, said)
+    if said and said.lstrip().startswith(b"{"):
+        return base64.b64encode(b"\x01") if mech == "OAUTHBEARER" else b""
+    if mech == "XOAUTH2":
+        return xoauth2(user, password)
+    return oauthbearer(user, password)
 
 
 def _bearer(kvpairs: list[bytes]) -> dict[str, str]:
@@ -74,9 +182,9 @@ class SaslExchange:
         self._login_next = "user"  # LOGIN: what the next client answer holds
 
     def _decode(self, payload: str) -> tuple[bytes | None, AuthDecode | None]:
-        data = _b64(payload)
+        data = b64decode(payload)
         if data is None:
-            return None, AuthDecode(self.mechanism, {}, "not valid base64")
+            return None, AuthDecode(self.mechanism, {}, AuthError.BAD_BASE64)
         return data, None
 
     def initial(self, payload: str) -> AuthDecode:
@@ -110,7 +218,7 @@ class SaslExchange:
         if mech == "PLAIN":
             parts = data.split(b"\x00")
             if len(parts) != 3:
-                return AuthDecode(mech, {"text": _text(data)}, "PLAIN wants authzid NUL user NUL password")
+                return AuthDecode(mech, {"text": _text(data)}, AuthError.PLAIN_SHAPE)
             authzid, user, password = (_text(p) for p in parts)
             self.user = user
             fields = {"user": user, "password": password}
@@ -126,7 +234,7 @@ class SaslExchange:
         if mech == "CRAM-MD5":
             user, sep, digest = _text(data).rpartition(" ")
             if not sep:
-                return AuthDecode(mech, {"text": _text(data)}, "CRAM-MD5 wants 'user digest'")
+                return AuthDecode(mech, {"text": _text(data)}, AuthError.CRAM_SHAPE)
             self.user = user
             return AuthDecode(mech, {"user": user, "digest": digest})
         if mech == "XOAUTH2":
@@ -162,7 +270,9 @@ _SMTP_VERBS = frozenset(
 
 def _looks_like_sasl(line: bytes) -> bool:
     text = line.strip()
-    return len(text) >= 4 and b" " not in text and _b64(text.decode("ascii", "replace")) is not None
+    if len(text) < 4 or b" " in text:
+        return False
+    return b64decode(text.decode("ascii", "replace")) is not None
 
 
 #: An AUTH line the observer reads cleanly: the verb, one space, a mechanism

@@ -10,6 +10,7 @@ byte stream. Events that are derived rather than read (``MessageEnd``,
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,6 +32,33 @@ class Side(enum.Enum):
         return Side.SERVER if self is Side.CLIENT else Side.CLIENT
 
 
+#: Field names of an ``AuthDecode`` that hold secrets: ``--redact`` removes
+#: exactly these, and reprs never show them.
+SECRET_FIELDS = frozenset({"password", "token", "digest"})
+
+#: What a repr shows in place of a secret.
+_HIDDEN = "***"
+
+
+class AuthError(enum.StrEnum):
+    """Why a SASL step could not be read or answered (RFC 4954, RFC 4422).
+
+    The values are the strings recordings have always held in an AUTH
+    decode's ``error`` (docs/recording-format.md): the format does not
+    change, and consumers compare members, never the text."""
+
+    #: the payload is not base64 (RFC 4954 section 4 requires it)
+    BAD_BASE64 = "not valid base64"
+    #: a PLAIN response is not ``authzid NUL authcid NUL passwd`` (RFC 4616 section 2)
+    PLAIN_SHAPE = "PLAIN wants authzid NUL user NUL password"
+    #: a CRAM-MD5 response is not ``user SP digest`` (RFC 2195 section 2)
+    CRAM_SHAPE = "CRAM-MD5 wants 'user digest'"
+    #: a client cannot answer CRAM-MD5 without the server's challenge (RFC 2195)
+    NO_CHALLENGE = "CRAM-MD5 answers a challenge, not an initial response"
+    #: a client has no encoder for this mechanism
+    UNKNOWN_MECHANISM = "no encoder for this mechanism"
+
+
 @dataclass(frozen=True, slots=True)
 class AuthDecode:
     """One step of a SASL exchange, decoded (RFC 4954).
@@ -38,12 +66,50 @@ class AuthDecode:
     ``fields`` holds what the step revealed, for example ``user`` and
     ``password`` for PLAIN, ``challenge`` for a server prompt, ``digest`` for
     CRAM-MD5, ``token`` for XOAUTH2/OAUTHBEARER. ``error`` says why a payload
-    could not be decoded; it never raises.
+    could not be decoded; it never raises. A string naming an ``AuthError``
+    (as a recording holds it) becomes that member; any other string read
+    from a file stays as it is.
+
+    The repr shows ``***`` for passwords, tokens, digests and undecoded
+    ``text`` (aiosmtpd's ``LoginPassword`` does the same), so a log line or
+    a traceback does not leak them.
     """
 
     mechanism: str
     fields: Mapping[str, str] = field(default_factory=dict)
-    error: str | None = None
+    error: AuthError | str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.error, str) and not isinstance(self.error, AuthError):
+            try:
+                object.__setattr__(self, "error", AuthError(self.error))
+            except ValueError:
+                pass
+
+    @property
+    def secret(self) -> bool:
+        """Whether the payload this step decodes holds something secret: a
+        password, token or digest, or text not read field by field."""
+        if self.error or "text" in self.fields:
+            return True
+        return not SECRET_FIELDS.isdisjoint(self.fields)
+
+    def __repr__(self) -> str:
+        hide = SECRET_FIELDS | {"text"}
+        shown = {k: (_HIDDEN if k in hide else v) for k, v in self.fields.items()}
+        return f"AuthDecode(mechanism={self.mechanism!r}, fields={shown!r}, error={self.error!r})"
+
+
+def _repr_hiding_secrets(ev: Command | AuthResponse, hidden: tuple[str, ...]) -> str:
+    """The dataclass repr of an event, with the fields named in ``hidden``
+    shown as ``***`` when its AUTH decode holds a secret (the raw line is
+    the secret in base64)."""
+    secret = ev.auth is not None and ev.auth.secret
+    parts = []
+    for f in dataclasses.fields(ev):
+        value = getattr(ev, f.name)
+        parts.append(f"{f.name}={_HIDDEN if secret and f.name in hidden else repr(value)}")
+    return f"{type(ev).__name__}({', '.join(parts)})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +130,9 @@ class Command:
     flags: tuple[str, ...] = ()
     auth: AuthDecode | None = None
 
+    def __repr__(self) -> str:
+        return _repr_hiding_secrets(self, ("raw", "arg"))
+
 
 @dataclass(frozen=True, slots=True)
 class AuthResponse:
@@ -74,6 +143,9 @@ class AuthResponse:
     text: str
     flags: tuple[str, ...] = ()
     auth: AuthDecode | None = None
+
+    def __repr__(self) -> str:
+        return _repr_hiding_secrets(self, ("raw", "text"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,17 +16,14 @@ after a refused chunk.
 
 from __future__ import annotations
 
-import base64
 import datetime as _dt
-import hashlib
-import hmac
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
-from .auth import REDACTED
+from .auth import REDACTED, AuthError, b64decode, client_response
 from .diff import Exchange, compare_replies, exchanges_of
 from .events import Command, Event, MessageData, MessageEnd, Reply, Side, TlsEstablished
 from .net import connect_reason, format_address, tls_reason
@@ -327,16 +324,37 @@ class _Replayer:
             return nxt
         if ex.verb == "AUTH" or ex.kind == "auth":
             if ex.verb == "AUTH":
-                self.mechanism = ex.client.split()[1].decode("ascii", "replace").upper() if len(ex.client.split()) > 1 else None
+                self.mechanism = _auth_args(ex)[0].upper() or None
             if reply.code == 334:
                 self.challenge = reply.lines[0] if reply.lines else ""
+                if b64decode(self.challenge) is None:
+                    step = self.result.steps[-1]
+                    assert step.exchange is ex
+                    why = "the target's challenge is not valid base64"
+                    step.reasons.append(f"{why} (RFC 4954 section 4)")
+                    return await self._cancel_auth(exs, nxt, why)
                 if nxt >= len(exs) or exs[nxt].kind != "auth":
-                    await self._send(b"*\r\n")
-                    self._step(Exchange("auth", "<auth>", b"*\r\n"), await self._reply(), "cancelled: the recording has no answer for this challenge")
+                    why = "the recording has no answer for this challenge"
+                    return await self._cancel_auth(exs, nxt, why)
                 return nxt
             while nxt < len(exs) and exs[nxt].kind == "auth":
                 self._skip(exs[nxt], f"the target ended AUTH with {reply.code}")
                 nxt += 1
+        return nxt
+
+    async def _cancel_auth(self, exs: list[Exchange], nxt: int, why: str) -> int:
+        """End the AUTH exchange the target is in with ``*`` (RFC 4954
+        section 4) and send none of the recording's answers in it; return
+        the index of the next exchange to play."""
+        await self._send(b"*\r\n")
+        reply = await self._reply()
+        cancel = Exchange("auth", "<auth>", b"*\r\n")
+        self.result.steps.append(Step(cancel, reply, True, [], f"cancelled: {why}"))
+        if reply is None:
+            raise _Stop("the target closed the connection")
+        while nxt < len(exs) and exs[nxt].kind == "auth":
+            self._skip(exs[nxt], "the AUTH exchange was cancelled")
+            nxt += 1
         return nxt
 
     # -- DATA bodies (RFC 5321 section 4.1.1.4) -----------------------------
@@ -523,11 +541,9 @@ class _Replayer:
         if ex.kind == "auth":
             return self._auth_answer(ex)
         if ex.kind == "command" and ex.verb == "AUTH":
-            parts = ex.client.rstrip(b"\r\n").split(b" ")
-            mech = parts[1].decode("ascii", "replace").upper() if len(parts) > 1 else ""
-            if len(parts) > 2 and (opts.user or opts.password or _redacted(ex)):
-                initial = self._credential(mech, "initial")
-                return b"AUTH " + parts[1] + b" " + initial + b"\r\n"
+            mech, initial = _auth_args(ex)
+            if initial and (opts.user or opts.password or _redacted(ex)):
+                return f"AUTH {mech} ".encode() + self._credential(mech.upper(), None) + b"\r\n"
         return ex.client
 
     def _auth_answer(self, ex: Exchange) -> bytes:
@@ -535,32 +551,24 @@ class _Replayer:
         if ex.client.strip() == b"*":
             return ex.client
         if mech == "CRAM-MD5" or self.opts.user or self.opts.password or _redacted(ex):
-            return self._credential(mech, "answer") + b"\r\n"
+            return self._credential(mech, self.challenge or "") + b"\r\n"
         return ex.client
 
-    def _credential(self, mech: str, when: str) -> bytes:
-        """A fresh SASL payload from --user/--password and the recorded user."""
+    def _credential(self, mech: str, challenge: str | None) -> bytes:
+        """A fresh SASL payload from --user/--password and the recorded user:
+        the initial response (``challenge`` None) or the answer to the
+        target's challenge (auth.client_response)."""
         user = self.opts.user or self._recorded_user() or ""
         password = self.opts.password
         if password is None:
             why = "the recording is redacted" if self._is_redacted() else f"AUTH {mech} answers a new challenge"
             raise _Unusable(f"{why}: give the password with --password or SMTPPROXY_PASSWORD")
-        if mech == "PLAIN":
-            raw = f"\0{user}\0{password}".encode()
-        elif mech == "LOGIN":
-            prompt = base64.b64decode(self.challenge or "", validate=False).decode("utf-8", "replace").lower()
-            raw = user.encode() if when == "initial" or ("pass" not in prompt) else password.encode()
-        elif mech == "CRAM-MD5":
-            challenge = base64.b64decode(self.challenge or "", validate=False)
-            digest = hmac.new(password.encode(), challenge, hashlib.md5).hexdigest()
-            raw = f"{user} {digest}".encode()
-        elif mech == "XOAUTH2":
-            raw = f"user={user}\x01auth=Bearer {password}\x01\x01".encode()
-        elif mech == "OAUTHBEARER":
-            raw = f"n,a={user},\x01auth=Bearer {password}\x01\x01".encode()
-        else:
+        payload = client_response(mech, user, password, challenge)
+        if payload is AuthError.UNKNOWN_MECHANISM:
             raise _Stop(f"cannot make new credentials for AUTH {mech}")
-        return base64.b64encode(raw)
+        if isinstance(payload, AuthError):
+            raise _Stop(f"cannot answer AUTH {mech}: {payload}")
+        return payload
 
     def _is_redacted(self) -> bool:
         return any("redacted" in getattr(ev, "flags", ()) for ev in self.rec.events())
@@ -601,6 +609,14 @@ def _binarymime(exs: list[Exchange], i: int) -> bool:
         if ex.kind == "command" and ex.verb in ("RSET", "EHLO", "HELO"):
             break
     return False
+
+
+def _auth_args(ex: Exchange) -> tuple[str, str]:
+    """The mechanism and initial response of a recorded AUTH command, split
+    on any whitespace as servers and the Conversation split them."""
+    _, arg, _ = split_command(line_text(ex.client))
+    mech, initial = ([*arg.split(None, 1), "", ""])[:2]
+    return mech, initial.strip()
 
 
 def _redacted(ex: Exchange) -> bool:

@@ -19,7 +19,17 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .events import AuthDecode, AuthResponse, Command, Event, MessageData, MessageEnd, Opaque, Side
+from .events import (
+    AuthDecode,
+    AuthError,
+    AuthResponse,
+    Command,
+    Event,
+    MessageData,
+    MessageEnd,
+    Opaque,
+    Side,
+)
 from .protocol import MAX_LINE, ClientState, Conversation, format_reply
 
 __all__ = ["Sink", "SinkConfig"]
@@ -279,7 +289,7 @@ class _Sink:
         if text.strip() == "*":
             self.auth_mech = None
             return self._reply(501, "5.7.0 authentication cancelled")
-        if decoded is None or decoded.error == "not valid base64":
+        if decoded is None or decoded.error is AuthError.BAD_BASE64:
             self.auth_mech = None
             return self._reply(501, "5.5.2 cannot decode base64")
         mech = self.auth_mech
