@@ -31,7 +31,7 @@ from .recording import (
     iter_recordings,
     read_recording,
 )
-from .relay import Proxy, ProxyConfig
+from .relay import Proxy, ProxyConfig, UpstreamTls
 from .render import Transcript, json_visible, visible
 from .replay import ReplayOptions, format_result, format_table, replay_all
 from .server import Sink, SinkConfig
@@ -306,7 +306,7 @@ def record(
         message_timeout=message_timeout,
         max_sessions=max_sessions,
         listen_tls=listen_tls,
-        upstream_tls=upstream_tls,
+        upstream_tls=UpstreamTls(upstream_tls),
         upstream_context=upstream_ctx,
         server_contexts=contexts,
         strip_starttls=strip_starttls,
@@ -449,7 +449,7 @@ async def _run_record(proxy: Proxy, embedded: bool, ca: CertificateAuthority | N
                     SinkConfig(
                         idle_timeout=config.idle_timeout or 300.0,
                         tls=sink_tls.default if sink_tls else None,
-                        implicit_tls=config.listen_tls and config.upstream_tls != "plain",
+                        implicit_tls=config.listen_tls and config.upstream_tls is not UpstreamTls.PLAIN,
                     )
                 )
                 host, port = await nursery.start(sink.serve, "127.0.0.1", 0)

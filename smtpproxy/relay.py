@@ -1,6 +1,11 @@
 """The trio relay: accept clients, dial the upstream, copy bytes both ways.
 
-The relay never changes a byte it forwards. Each chunk it reads is handed to
+A ``Session`` relays, observes and closes; what its TLS arrangement decides
+(who answers a STARTTLS, when the upstream is upgraded, what
+``--strip-starttls`` hides) is asked of its ``TlsArrangement``
+(smtpproxy/tlsmodes.py), and every handshake is ``tls.handshake``.
+
+The relay never changes a byte it forwards (but for the TLS arrangements). Each chunk it reads is handed to
 the session's ``Conversation`` (the observer) first, then sent on; the
 observer's events go to the recorder and the transcript. Nothing the observer
 thinks can stop or alter the flow: its events only describe it.
@@ -11,9 +16,8 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import math
-import re
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +27,21 @@ from . import accept
 from .auth import Redactor
 from .events import Command, Event, Note, Reply, Side, TlsEstablished
 from .net import connect_reason, format_address, is_ip, tls_reason
-from .protocol import MAX_LINE, Conversation, format_reply
+from .protocol import Conversation, format_reply
 from .recording import Recorder, new_session_id, note_in_place
 from .render import Transcript
 from .streams import dial, receive, send_all
 from .summary import SessionSummary
-from .tls import ServerContexts, handshake_facts
+from .tls import HandshakeFailed, ServerContexts, handshake, handshake_facts
+from .tlsmodes import TlsArrangement, UpstreamTls
 
-__all__ = ["Proxy", "ProxyConfig"]
+__all__ = ["Proxy", "ProxyConfig", "Session", "UpstreamTls"]
+
+#: how a session reaches its upstream: ``streams.dial`` unless a test gives another
+Opener = Callable[[str, int], Awaitable[trio.abc.Stream]]
+
+#: the verbs whose commands and replies the TLS arrangement follows
+_TLS_VERBS = frozenset({"STARTTLS", "EHLO", "HELO"})
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +64,17 @@ class ProxyConfig:
     max_sessions: int = 1000
     #: clients speak TLS from the first byte (SMTPS, RFC 8314)
     listen_tls: bool = False
-    #: mirror | starttls | implicit | plain (see docs/tls.md)
-    upstream_tls: str = "mirror"
+    #: ``--upstream-tls`` (docs/tls.md); its word (``"plain"``) is taken too
+    upstream_tls: UpstreamTls = UpstreamTls.MIRROR
     upstream_context: ssl.SSLContext | None = None
     upstream_sni: str | None = None
     server_contexts: ServerContexts | None = None
     strip_starttls: bool = False
     #: remove passwords, tokens and digests from recordings and the transcript
     redact: bool = False
+
+    def __post_init__(self) -> None:
+        self.upstream_tls = UpstreamTls(self.upstream_tls)
 
 
 @dataclass
@@ -83,11 +97,19 @@ class _SendFailed(trio.BrokenResourceError):
 
 
 class Session:
-    """One client connection and its upstream connection."""
+    """One client connection and its upstream connection. ``open_upstream``
+    dials the upstream (tests give one that returns a memory stream)."""
 
-    def __init__(self, proxy: Proxy, client: trio.SocketStream) -> None:
+    def __init__(
+        self, proxy: Proxy, client: trio.abc.Stream, *, open_upstream: Opener = dial
+    ) -> None:
         self.proxy = proxy
+        cfg = proxy.config
         self.id = new_session_id()
+        self._open_upstream = open_upstream
+        self.tls = TlsArrangement(
+            cfg.upstream_tls, listen_tls=cfg.listen_tls, strip=cfg.strip_starttls
+        )
         self.conv = Conversation()
         self._redactor = Redactor() if proxy.config.redact else None
         self.summary = SessionSummary()
@@ -95,13 +117,7 @@ class Session:
         # one writer at a time per peer, and none while its TLS handshake runs
         # (a semaphore: the same guard as a Lock at a third of the cost per send)
         self._locks = {Side.CLIENT: trio.Semaphore(1), Side.SERVER: trio.Semaphore(1)}
-        self._strip_tail = b""
-        self._stripped = False
-        self._upstream_upgraded = False
-        self._client_tls_silent = False
         self._last_server_code = 0
-        self._starttls_answered = False
-        self._hello_reply: Reply | None = None
         self._resume_client = trio.Event()
         self._activity = trio.current_time()
         self._deadline_hit = ""  # idle, line or message: what ended the session
@@ -110,21 +126,20 @@ class Session:
         self._line_since = 0.0
         self._message_no = 0  # Conversation.message_number at the last client read
         self._message_since = 0.0
-        self._unsent = bytearray()  # a client's partial line, held while the proxy may answer STARTTLS
-        self._starttls_line = b""
-        self._mirror = proxy.config.upstream_tls == "mirror"
         self._replies_seen: trio.Event | None = None
         self._done: dict[Side, bool] = {}
         self._scope = trio.CancelScope()
-        self._held_out = bytearray()
-        self._last_hello = b""
         self.start = trio.current_time()
         self.recorder: Recorder | None = None
         self._warned = False
         self.closed_by = ""
         self.reason = ""
         try:
-            self.peer = format_address(client.socket.getpeername())
+            self.peer = (
+                format_address(client.socket.getpeername())
+                if isinstance(client, trio.SocketStream)
+                else "?"
+            )
         except OSError:
             self.peer = "?"
 
@@ -184,18 +199,14 @@ class Session:
         redactor = self._redactor
         if redactor is not None:
             events = [redactor(e) for e in events]
+        tls = self.tls
         for ev in events:
             if type(ev) is Reply:
                 self._last_server_code = ev.code
-                if ev.command == "STARTTLS":
-                    self._starttls_answered = True
-                elif ev.command in ("EHLO", "HELO"):
-                    self._hello_reply = ev
-            elif type(ev) is Command:
-                if ev.verb in ("EHLO", "HELO"):
-                    self._last_hello = ev.raw
-                elif ev.verb == "STARTTLS":
-                    self._starttls_line = ev.raw
+                if ev.command in _TLS_VERBS:
+                    tls.see_reply(ev)
+            elif type(ev) is Command and ev.verb in _TLS_VERBS:
+                tls.see_command(ev)
         rec = self.recorder
         if rec is not None:
             rec.report(trio.current_time() if now is None else now, events, fed, call, note)
@@ -237,7 +248,7 @@ class Session:
 
     def _end(self, by: str, reason: str) -> None:
         if not self.closed_by:
-            if by == "client" and self._client_tls_silent:
+            if by == "client" and self.tls.client_silent:
                 # GnuTLS clients (msmtp, mutt) check the certificate after the
                 # handshake and just hang up when they do not trust it
                 reason += (
@@ -284,8 +295,7 @@ class Session:
             self.observe([], call="implicit_tls")
         if not await self._connect():
             return False
-        implicit = cfg.upstream_tls == "implicit" or (cfg.upstream_tls == "mirror" and cfg.listen_tls)
-        if implicit and not await self._upstream_handshake():
+        if self.tls.implicit_upstream and not await self._upstream_handshake():
             await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", "proxy_reply")
             return False
         return True
@@ -296,7 +306,7 @@ class Session:
         reason = ""
         try:
             with trio.fail_after(cfg.connect_timeout):
-                self.streams[Side.SERVER] = await dial(host, port)
+                self.streams[Side.SERVER] = await self._open_upstream(host, port)
             return True
         except trio.TooSlowError:
             reason = f"no answer within {cfg.connect_timeout:g}s"
@@ -305,7 +315,9 @@ class Session:
         label = cfg.upstream_label or format_address(cfg.upstream)
         self._end("proxy", f"upstream {label} unreachable: {reason}")
         self.observe([Note(Side.SERVER, "upstream_error", self.reason)])
-        await self._reply_to_client(421, f"4.4.0 smtpproxy: upstream {label} unreachable: {reason}", "proxy_reply")
+        await self._reply_to_client(
+            421, f"4.4.0 smtpproxy: upstream {label} unreachable: {reason}", "proxy_reply"
+        )
         return False
 
     # -- TLS ----------------------------------------------------------------
@@ -318,37 +330,43 @@ class Session:
             self._end("proxy", "TLS requested but no certificate is configured")
             self.observe([Note(Side.CLIENT, "tls_error", self.reason)])
             return False
-        stream = trio.SSLStream(self.streams[Side.CLIENT], contexts.default, server_side=True)
-        limit = min((t for t in (cfg.handshake_timeout, cfg.idle_timeout) if t > 0), default=math.inf)
+        limit = min(
+            (t for t in (cfg.handshake_timeout, cfg.idle_timeout) if t > 0), default=math.inf
+        )
         try:
-            with trio.fail_after(limit):
-                async with self._locks[Side.CLIENT]:
-                    await stream.do_handshake()
-                    self.streams[Side.CLIENT] = stream
-                    self._client_tls_silent = True
-        except trio.TooSlowError:
-            # the proxy gave up on a silent or slow client: its decision, not the client's
-            self._end("proxy", f"TLS handshake with the client timed out after {limit:g}s")
-            self.observe([Note(Side.CLIENT, "tls_error", self.reason)])
-            await trio.aclose_forcefully(stream)
-            return False
-        except trio.BrokenResourceError as exc:
-            cause = tls_reason(exc)
-            sni = contexts.sni_of(stream._ssl_object)
-            if sni:
-                cause += f" (SNI {sni})"
-            self._end(
-                "client",
-                f"TLS handshake with the client failed: {cause}"
-                + (
-                    "; if the client does not trust the proxy, run 'smtpproxy ca' and trust that CA"
-                    if any(w in cause.lower() for w in ("alert", "certificate", "eof", "closed", "unknown_ca"))
-                    else ""
-                ),
+            stream = await handshake(
+                self.streams[Side.CLIENT],
+                contexts.default,
+                server_side=True,
+                timeout=limit,
+                lock=self._locks[Side.CLIENT],
             )
+        except HandshakeFailed as failed:
+            if failed.timed_out:
+                # the proxy gave up on a silent or slow client: its decision, not the client's
+                self._end("proxy", f"TLS handshake with the client timed out after {limit:g}s")
+            else:
+                cause = failed.reason
+                sni = contexts.sni_of(failed.ssl_object)
+                if sni:
+                    cause += f" (SNI {sni})"
+                self._end(
+                    "client",
+                    f"TLS handshake with the client failed: {cause}"
+                    + (
+                        "; if the client does not trust the proxy, run 'smtpproxy ca' and trust that CA"
+                        if any(
+                            w in cause.lower()
+                            for w in ("alert", "certificate", "eof", "closed", "unknown_ca")
+                        )
+                        else ""
+                    ),
+                )
             self.observe([Note(Side.CLIENT, "tls_error", self.reason)])
-            await trio.aclose_forcefully(stream)
             return False
+        # no checkpoint since the lock was released: no writer has used the old stream
+        self.streams[Side.CLIENT] = stream
+        self.tls.client_tls = self.tls.client_silent = True
         facts = handshake_facts(stream._ssl_object)
         self.observe(
             [
@@ -370,23 +388,34 @@ class Session:
             self._end("proxy", "upstream TLS requested but no client context is configured")
             return False
         sni = cfg.upstream_sni or cfg.upstream[0]
-        stream = trio.SSLStream(
-            self.streams[Side.SERVER], ctx, server_hostname=sni if not is_ip(sni) or ctx.check_hostname else None
-        )
         try:
-            with trio.fail_after(cfg.handshake_timeout or math.inf):
-                async with self._locks[Side.SERVER]:
-                    await stream.do_handshake()
-                    self.streams[Side.SERVER] = stream
-        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
-            self._end("proxy", f"TLS handshake with the upstream failed: {tls_reason(exc)}")
+            stream = await handshake(
+                self.streams[Side.SERVER],
+                ctx,
+                server_side=False,
+                server_hostname=sni if not is_ip(sni) or ctx.check_hostname else None,
+                timeout=cfg.handshake_timeout or math.inf,
+                lock=self._locks[Side.SERVER],
+            )
+        except HandshakeFailed as failed:
+            self._end("proxy", f"TLS handshake with the upstream failed: {failed.reason}")
             self.observe([Note(Side.SERVER, "tls_error", self.reason)])
-            await trio.aclose_forcefully(stream)
             return False
+        self.streams[Side.SERVER] = stream  # no checkpoint since the lock was released
+        self.tls.upstream_tls = True
         facts = handshake_facts(stream._ssl_object)
         verified = "skipped (--upstream-insecure)" if ctx.verify_mode == ssl.CERT_NONE else "ok"
         self.observe(
-            [TlsEstablished(Side.SERVER, facts.version, facts.cipher, sni=sni, peer=facts.peer, verified=verified)]
+            [
+                TlsEstablished(
+                    Side.SERVER,
+                    facts.version,
+                    facts.cipher,
+                    sni=sni,
+                    peer=facts.peer,
+                    verified=verified,
+                )
+            ]
         )
         return True
 
@@ -395,9 +424,7 @@ class Session:
         failure there can still be told to the client in clear), then pass
         the 220 on and shake hands with the client."""
         if upgrade_upstream and not await self._upstream_handshake():
-            await self._reply_to_client(
-                421, f"4.7.0 smtpproxy: {self.reason}", "proxy_reply"
-            )
+            await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", "proxy_reply")
             return False
         try:
             await self._send(Side.CLIENT, reply)
@@ -443,7 +470,11 @@ class Session:
             why, when = "idle", self._activity + cfg.idle_timeout
         if self._line_no and 0 < cfg.line_timeout and self._line_since + cfg.line_timeout < when:
             why, when = "line", self._line_since + cfg.line_timeout
-        if self._message_no and 0 < cfg.message_timeout and self._message_since + cfg.message_timeout < when:
+        if (
+            self._message_no
+            and 0 < cfg.message_timeout
+            and self._message_since + cfg.message_timeout < when
+        ):
             why, when = "message", self._message_since + cfg.message_timeout
         return why, when
 
@@ -486,28 +517,8 @@ class Session:
         way or possible, a reply the client pump waits for, or a mode that
         rewrites or holds what the server says."""
         if side is Side.CLIENT:
-            return self.conv.waiting_for == "STARTTLS" or (not self._mirror and self._starttls_here())
-        cfg = self.proxy.config
-        return (
-            self._starttls_answered
-            or self._replies_seen is not None
-            or (cfg.upstream_tls == "starttls" and not self._upstream_upgraded)
-            or (cfg.strip_starttls and not self.conv.encrypted)
-        )
-
-    def _starttls_here(self) -> bool:
-        """Whether the proxy answers the client's STARTTLS itself: the
-        upstream leg is settled (``--upstream-tls plain``, or already TLS
-        while the client's is not)."""
-        cfg = self.proxy.config
-        if cfg.upstream_tls == "plain":
-            return True
-        streams = self.streams
-        return (
-            cfg.upstream_tls != "mirror"
-            and isinstance(streams[Side.SERVER], trio.SSLStream)
-            and not isinstance(streams[Side.CLIENT], trio.SSLStream)
-        )
+            return self.conv.waiting_for == "STARTTLS" or self.tls.answers_starttls()
+        return self._replies_seen is not None or self.tls.server_needs_care(self.conv.encrypted)
 
     async def _pump(self, side: Side) -> None:
         """Read from one peer, observe, forward to the other, until EOF."""
@@ -521,7 +532,7 @@ class Session:
                     break
                 self._activity = now = trio.current_time()
                 if side is Side.CLIENT:
-                    self._client_tls_silent = False
+                    self.tls.client_silent = False
                 self.observe(conv.feed(side, data), now, fed=(side, data))
                 if side is Side.CLIENT:
                     self._client_clocks(now)
@@ -551,9 +562,9 @@ class Session:
             return
         # the client is done sending: pass the half-close on, and keep
         # reading the server's last replies
-        if self._unsent:
-            await self._send(other, bytes(self._unsent))
-            self._unsent.clear()
+        unsent = self.tls.take_unsent()
+        if unsent:
+            await self._send(other, unsent)
         try:
             await streams[other].send_eof()  # type: ignore[attr-defined]
         except (trio.BrokenResourceError, trio.ClosedResourceError, AttributeError):
@@ -572,29 +583,22 @@ class Session:
 
     async def _client_care(self, data: bytes | bytearray) -> bool:
         conv = self.conv
-        other = Side.SERVER
         held = conv.held_client_bytes
-        if self._starttls_here():
-            # a command line goes upstream only once whole: the proxy answers
-            # a STARTTLS itself, so no byte of one may be passed on
-            unsent = self._unsent
-            unsent += data
-            if conv.waiting_for == "STARTTLS":
-                before = max(0, len(unsent) - held - len(self._starttls_line))
-                out = bytes(unsent[:before])
-                unsent.clear()  # what follows STARTTLS never goes on (RFC 3207 section 6)
-                if out:
-                    await self._send(other, out)
+        if self.tls.answers_starttls():
+            out, starttls = self.tls.client_bytes(
+                data,
+                held=held,
+                open_line=bool(conv.open_line),
+                starttls_next=conv.waiting_for == "STARTTLS",
+            )
+            if out:
+                await self._send(Side.SERVER, out)
+            if starttls:
                 await self._replies_before_starttls()
                 return await self._local_starttls()
-            keep = held if conv.open_line else 0
-            if len(unsent) > keep:
-                out = bytes(unsent[: len(unsent) - keep])
-                del unsent[: len(unsent) - keep]
-                await self._send(other, out)
             return True
         # never carry bytes pipelined after STARTTLS into TLS
-        await self._send(other, data[: len(data) - held] if held else data)
+        await self._send(Side.SERVER, data[: len(data) - held] if held else data)
         await self._resume_client.wait()
         self._resume_client = trio.Event()
         return not self.closed_by
@@ -612,11 +616,11 @@ class Session:
                 self._replies_seen = None
 
     async def _server_care(self, data: bytes | bytearray) -> bool:
-        cfg = self.proxy.config
         conv = self.conv
+        tls = self.tls
         other = Side.CLIENT
-        if self._starttls_answered:
-            self._starttls_answered = False
+        if tls.server_answered:
+            tls.server_answered = False
             held = conv.held_server_bytes
             upto = data[: len(data) - held] if held else data
             ok = True
@@ -626,26 +630,24 @@ class Session:
                 await self._send(other, upto)
             self._resume_client.set()
             return ok
-        if cfg.upstream_tls == "starttls" and not self._upstream_upgraded:
-            # hold replies until whole, so the EHLO reply can be swapped
-            self._held_out += data
-            hello = self._hello_reply
-            if hello is not None and 200 <= hello.code < 300:
-                self._hello_reply = None
-                out = bytes(self._held_out)
-                self._held_out.clear()
-                if out.endswith(hello.raw):
-                    out = out[: len(out) - len(hello.raw)]
-                if out:
-                    await self._send(other, out)
-                return await self._upgrade_upstream_now()
-            if self._held_out and (conv.partial_reply_bytes == 0 or len(self._held_out) > 2 * MAX_LINE):
-                # whole replies go on at once; an endless one is not held without bound
-                out = bytes(self._held_out)
-                self._held_out.clear()
+        if tls.upgrade_pending:
+            out, upgrade = tls.hold_for_upgrade(data, conv.partial_reply_bytes)
+            if out:
                 await self._send(other, out)
-            return True
-        await self._send(other, self._strip_starttls(data) if cfg.strip_starttls else data)
+            return await self._upgrade_upstream_now() if upgrade else True
+        if tls.strip:
+            data, first = tls.strip_starttls(data)
+            if first:
+                self.observe(
+                    [
+                        Note(
+                            Side.SERVER,
+                            "strip_starttls",
+                            "STARTTLS hidden from the client's EHLO reply",
+                        )
+                    ]
+                )
+        await self._send(other, data)
         return True
 
     async def _upstream_gone(self, side: Side) -> None:
@@ -656,14 +658,25 @@ class Session:
             return
         if self.conv.partial_reply_bytes:
             return
-        await self._reply_to_client(421, "4.4.2 smtpproxy: upstream closed the connection", "proxy_reply")
+        await self._reply_to_client(
+            421, "4.4.2 smtpproxy: upstream closed the connection", "proxy_reply"
+        )
 
     async def _exchange(self, conv: Conversation, line: bytes) -> tuple[Reply | None, bytes]:
         """Send one command upstream on the proxy's own account and read its
         reply through ``conv``; both are recorded as notes (the client did
         not send it). Returns the reply and the bytes read after it."""
         conv.feed(Side.CLIENT, line)
-        self.observe([Note(Side.CLIENT, "proxy_command", f"proxy sent upstream: {line.decode('utf-8', 'replace').strip()}", line)])
+        self.observe(
+            [
+                Note(
+                    Side.CLIENT,
+                    "proxy_command",
+                    f"proxy sent upstream: {line.decode('utf-8', 'replace').strip()}",
+                    line,
+                )
+            ]
+        )
         await self._send(Side.SERVER, line)
         got = bytearray()
         with trio.fail_after(self.proxy.config.handshake_timeout or math.inf):
@@ -676,7 +689,9 @@ class Session:
                 for ev in conv.feed(Side.SERVER, data):
                     used += len(ev.raw)
                     if isinstance(ev, Reply):
-                        self.observe([Note(Side.SERVER, "proxy_reply_from_upstream", ev.text, ev.raw)])
+                        self.observe(
+                            [Note(Side.SERVER, "proxy_reply_from_upstream", ev.text, ev.raw)]
+                        )
                         return ev, bytes(got[used:])
                 del got[:used]
 
@@ -684,12 +699,15 @@ class Session:
         """``--upstream-tls starttls``: after the client's first EHLO, upgrade
         the upstream leg with STARTTLS, say EHLO again over TLS, and give the
         client that reply instead. The client's own leg stays as it chose."""
-        self._upstream_upgraded = True
         try:
             conv = Conversation(greeted=True)
             reply, _ = await self._exchange(conv, b"STARTTLS\r\n")
             if reply is None or reply.code != 220:
-                why = f"upstream refused STARTTLS: {reply.code} {reply.text}" if reply else "upstream closed"
+                why = (
+                    f"upstream refused STARTTLS: {reply.code} {reply.text}"
+                    if reply
+                    else "upstream closed"
+                )
                 self._end("proxy", why)
                 await self._reply_to_client(421, f"4.7.0 smtpproxy: {why}", "proxy_reply")
                 return False
@@ -699,7 +717,9 @@ class Session:
             if not await self._upstream_handshake():
                 await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", "proxy_reply")
                 return False
-            again, rest = await self._exchange(Conversation(greeted=True), self._last_hello or b"EHLO smtpproxy\r\n")
+            again, rest = await self._exchange(
+                Conversation(greeted=True), self.tls.last_hello or b"EHLO smtpproxy\r\n"
+            )
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._end("proxy", f"upstream STARTTLS failed: {tls_reason(exc)}")
             await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", "proxy_reply")
@@ -707,7 +727,15 @@ class Session:
         if again is None:
             self._end("server", "upstream closed after STARTTLS")
             return False
-        self.observe([Note(Side.SERVER, "proxy_forwarded", "the client was given the upstream's EHLO reply after TLS")])
+        self.observe(
+            [
+                Note(
+                    Side.SERVER,
+                    "proxy_forwarded",
+                    "the client was given the upstream's EHLO reply after TLS",
+                )
+            ]
+        )
         await self._send(Side.CLIENT, again.raw)
         if rest:
             # the server said more after its EHLO reply: the session's own bytes
@@ -721,25 +749,9 @@ class Session:
         reply = format_reply(220, "2.0.0 Ready to start TLS (answered by smtpproxy)")
         note = Note(Side.SERVER, "proxy_reply", "STARTTLS answered by the proxy", reply)
         self.observe(self.conv.feed(Side.SERVER, reply), fed=(Side.SERVER, reply), note=note)
-        self._starttls_answered = False  # the server did not answer it: its next bytes go on as they come
+        # the server did not answer it: its next bytes go on as they come
+        self.tls.server_answered = False
         return await self._starttls(False, reply)
-
-    def _strip_starttls(self, data: bytes | bytearray) -> bytes:
-        """``--strip-starttls``: in the EHLO reply the client sees, STARTTLS
-        becomes ``XXXXXXXA`` (an unknown keyword of the same length, as
-        middleboxes do), so the client believes TLS is not offered. Only
-        whole lines are rewritten; a partial last line waits for its end."""
-        data = self._strip_tail + data
-        cut = data.rfind(b"\n") + 1
-        self._strip_tail = data[cut:]
-        data, n = _STARTTLS_LINE.subn(rb"\1XXXXXXXA", data[:cut])
-        if n and not self._stripped:
-            self._stripped = True
-            self.observe([Note(Side.SERVER, "strip_starttls", "STARTTLS hidden from the client's EHLO reply")])
-        return data
-
-
-_STARTTLS_LINE = re.compile(rb"(?mi)^(250[ -])STARTTLS(?=[ \t]*\r?\n)")
 
 
 class Proxy:
@@ -775,7 +787,9 @@ class Proxy:
             listeners = await self.listen()
         addr = listeners[0].socket.getsockname()
         task_status.started((addr[0], addr[1]))
-        await accept.serve(listeners, self._handle, admit=self._admit, refusal=_TOO_MANY, refused=self._refused)
+        await accept.serve(
+            listeners, self._handle, admit=self._admit, refusal=_TOO_MANY, refused=self._refused
+        )
 
     def _admit(self) -> bool:
         """Take a new client in, or count it refused: at accept time, so a

@@ -26,11 +26,11 @@ import trio
 from .auth import REDACTED, AuthError, b64decode, client_response
 from .diff import Exchange, compare_replies, exchanges_of
 from .events import Command, Event, MessageData, MessageEnd, Reply, Side, TlsEstablished
-from .net import connect_reason, format_address, tls_reason
+from .net import connect_reason, format_address
 from .protocol import ClientState, Conversation, line_text, split_command
 from .protocol.text import Unstuffer, dot_stuff
 from .recording import Recorder, Recording, new_session_id
-from .tls import client_context, handshake_facts
+from .tls import HandshakeFailed, client_context, handshake, handshake_facts
 
 __all__ = ["ReplayOptions", "ReplayResult", "Step", "format_result", "format_table", "replay", "replay_all"]
 
@@ -146,12 +146,11 @@ class _Replayer:
     async def _handshake(self) -> None:
         assert self.stream is not None
         host = self.opts.target[0]
-        stream = trio.SSLStream(self.stream, client_context(self.opts.cafile, self.opts.insecure), server_hostname=host)
+        context = client_context(self.opts.cafile, self.opts.insecure)
         try:
-            with trio.fail_after(self.opts.timeout):
-                await stream.do_handshake()
-        except (trio.BrokenResourceError, trio.TooSlowError) as exc:
-            raise _Stop(f"TLS handshake with the target failed: {tls_reason(exc)}") from None
+            stream = await handshake(self.stream, context, server_side=False, server_hostname=host, timeout=self.opts.timeout)
+        except HandshakeFailed as failed:
+            raise _Stop(f"TLS handshake with the target failed: {failed.reason}") from None
         self.stream = stream
         facts = handshake_facts(stream._ssl_object)
         self._observe([TlsEstablished(Side.SERVER, facts.version, facts.cipher, sni=host, peer=facts.peer)])

@@ -31,6 +31,7 @@ from .events import (
     Side,
 )
 from .protocol import MAX_LINE, ClientState, Conversation, format_reply
+from .tls import HandshakeFailed, handshake
 
 __all__ = ["Sink", "SinkConfig"]
 
@@ -404,12 +405,7 @@ class Sink:
     async def _handshake(self, stream: trio.abc.Stream) -> trio.SSLStream[trio.abc.Stream] | None:
         """Shake hands as a TLS server; None (the stream closed) if that fails."""
         assert self.config.tls is not None
-        tls = trio.SSLStream(stream, self.config.tls, server_side=True)
         try:
-            with trio.fail_after(self.config.handshake_timeout):
-                await tls.do_handshake()
-        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
-            # a cancelled or failed handshake leaves the stream unusable
-            await trio.aclose_forcefully(tls)
+            return await handshake(stream, self.config.tls, server_side=True, timeout=self.config.handshake_timeout)
+        except HandshakeFailed:
             return None
-        return tls

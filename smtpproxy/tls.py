@@ -1,5 +1,5 @@
-"""TLS for the proxy: the local CA, leaf certificates, SSL contexts, and the
-facts of a finished handshake.
+"""TLS for the proxy: the local CA, leaf certificates, SSL contexts, the
+handshake every leg shakes (``handshake``), and the facts of a finished one.
 
 The CA is made once with the ``cryptography`` package in ``$SMTPPROXY_HOME``
 (default ``~/.smtpproxy``; folder 0700, key 0600), like mitmproxy's
@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import ipaddress
+import math
 import os
 import ssl
 import stat
@@ -23,20 +24,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .net import is_ip
+from .net import is_ip, tls_reason
 
 __all__ = [
     "CertificateAuthority",
+    "HandshakeFailed",
     "ServerContexts",
     "TlsFailure",
     "client_context",
     "default_home",
     "describe_certificate",
+    "handshake",
     "private_keylog",
 ]
 
@@ -185,7 +189,9 @@ class CertificateAuthority:
                 ),
                 critical=True,
             )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
             .sign(key, hashes.SHA256())
         )
         _write_private(
@@ -227,7 +233,9 @@ class CertificateAuthority:
                 sans.append(x509.IPAddress(ipaddress.ip_address(n)))
             except ValueError:
                 sans.append(x509.DNSName(n))
-        common = next((n for n in key_names if not is_ip(n)), key_names[0] if key_names else "localhost")
+        common = next(
+            (n for n in key_names if not is_ip(n)), key_names[0] if key_names else "localhost"
+        )
         now = _now()
         cert = (
             x509.CertificateBuilder()
@@ -241,13 +249,16 @@ class CertificateAuthority:
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                critical=False,
             )
             .sign(self._key, hashes.SHA256())
         )
         chain = cert.public_bytes(serialization.Encoding.PEM) + self.pem()
         key_pem = self._leaf_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
         pair = self._leaves[key_names] = (chain, key_pem)
         if len(self._leaves) > MAX_LEAVES:
@@ -307,7 +318,9 @@ class ServerContexts:
             try:
                 ctx.load_cert_chain(cert_file, key_file)
             except (OSError, ssl.SSLError) as exc:
-                raise TlsFailure(f"cannot load --cert {cert_file} / --key {key_file}: {exc}") from None
+                raise TlsFailure(
+                    f"cannot load --cert {cert_file} / --key {key_file}: {exc}"
+                ) from None
             self.default = ctx
             self._fixed = True
         else:
@@ -329,7 +342,9 @@ class ServerContexts:
         _load_chain(ctx, chain, key, self.ca.home / "tmp")
         return ctx
 
-    def _sni(self, sslobj: ssl.SSLObject | ssl.SSLSocket, name: str | None, ctx: ssl.SSLContext) -> None:
+    def _sni(
+        self, sslobj: ssl.SSLObject | ssl.SSLSocket, name: str | None, ctx: ssl.SSLContext
+    ) -> None:
         if name is None:
             return
         self.snis[sslobj] = name
@@ -417,3 +432,54 @@ def handshake_facts(sslobj: Any) -> HandshakeFacts:
         cipher=str(cipher[0]) if cipher else "?",
         peer=describe_certificate(der),
     )
+
+
+class HandshakeFailed(Exception):
+    """A TLS handshake did not finish. ``reason`` says why in words
+    (``net.tls_reason``: ``timed out``, ``certificate verify failed: ...``,
+    an OpenSSL reason); ``timed_out`` tells a peer too slow (the proxy gave
+    up) from one that broke the handshake off; ``ssl_object`` is the
+    handshake's, for the SNI a client asked (``ServerContexts.sni_of``).
+    The stream is closed already."""
+
+    def __init__(self, reason: str, *, timed_out: bool, ssl_object: Any) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.timed_out = timed_out
+        self.ssl_object = ssl_object
+
+
+async def handshake(
+    stream: trio.abc.Stream,
+    context: ssl.SSLContext,
+    *,
+    server_side: bool,
+    server_hostname: str | None = None,
+    timeout: float = math.inf,
+    lock: trio.Semaphore | None = None,
+) -> trio.SSLStream[trio.abc.Stream]:
+    """Wrap ``stream`` in TLS and shake hands now, within ``timeout`` seconds
+    (``math.inf``: no limit), as a server or as a client of
+    ``server_hostname`` (also its SNI; None sends none and checks no name).
+    ``lock``, if given, is held while the handshake runs and waited for
+    within the same limit, so that no writer of the caller's uses the
+    stream meanwhile. Raises ``HandshakeFailed``: a failed or timed-out
+    handshake leaves the stream unusable (trio's ``SSLStream``), so it is
+    closed first. Used by the relay's two legs, the embedded server and
+    replay, so that each times out and says why the same way."""
+    tls = trio.SSLStream(stream, context, server_side=server_side, server_hostname=server_hostname)
+    try:
+        with trio.fail_after(timeout):
+            if lock is None:
+                await tls.do_handshake()
+            else:
+                async with lock:
+                    await tls.do_handshake()
+    except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        await trio.aclose_forcefully(tls)
+        raise HandshakeFailed(
+            tls_reason(exc),
+            timed_out=isinstance(exc, trio.TooSlowError),
+            ssl_object=tls._ssl_object,
+        ) from exc
+    return tls
