@@ -323,7 +323,7 @@ class _Replayer:
             return nxt
         if ex.verb == "AUTH" or ex.kind == "auth":
             if ex.verb == "AUTH":
-                self.mechanism = _auth_args(ex)[0].upper() or None
+                self.mechanism = ex.args.mechanism
             if reply.code == 334:
                 self.challenge = reply.lines[0] if reply.lines else ""
                 if b64decode(self.challenge) is None:
@@ -540,9 +540,9 @@ class _Replayer:
         if ex.kind == "auth":
             return self._auth_answer(ex)
         if ex.kind == "command" and ex.verb == "AUTH":
-            mech, initial = _auth_args(ex)
-            if initial and (opts.user or opts.password or _redacted(ex)):
-                return f"AUTH {mech} ".encode() + self._credential(mech.upper(), None) + b"\r\n"
+            mech, initial = ex.args.mechanism, ex.args.initial
+            if mech and initial and (opts.user or opts.password or _redacted(ex)):
+                return f"AUTH {mech} ".encode() + self._credential(mech, None) + b"\r\n"
         return ex.client
 
     def _auth_answer(self, ex: Exchange) -> bytes:
@@ -608,14 +608,6 @@ def _binarymime(exs: list[Exchange], i: int) -> bool:
         if ex.kind == "command" and ex.verb in ("RSET", "EHLO", "HELO"):
             break
     return False
-
-
-def _auth_args(ex: Exchange) -> tuple[str, str]:
-    """The mechanism and initial response of a recorded AUTH command, split
-    on any whitespace as servers and the Conversation split them."""
-    _, arg, _ = split_command(line_text(ex.client))
-    mech, initial = ([*arg.split(None, 1), "", ""])[:2]
-    return mech, initial.strip()
 
 
 def _redacted(ex: Exchange) -> bool:
