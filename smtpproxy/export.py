@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,14 @@ from .events import Reply
 from .protocol import Unstuffer, parse_path
 from .recording import Recording
 
-__all__ = ["ExportRefused", "ExportedMessage", "export_recording", "messages"]
+__all__ = [
+    "ExportFailed",
+    "ExportRefused",
+    "ExportedMessage",
+    "export_all",
+    "export_recording",
+    "messages",
+]
 
 
 @dataclass
@@ -94,6 +102,27 @@ def _path(line: str) -> str | None:
 
 class ExportRefused(Exception):
     """One file export will not write; the message names it and the fix."""
+
+
+class ExportFailed(Exception):
+    """The export folder cannot be written at all; the message names it."""
+
+
+def export_all(
+    recordings: Iterable[Recording], folder: Path, force: bool = False
+) -> Iterator[Path | ExportRefused]:
+    """``smtpproxy export``: each recording's messages written into
+    ``folder`` (``export_recording``), one run sharing the names taken.
+    Yields, recording by recording, the ``.eml`` paths written and then what
+    was refused; ``ExportFailed`` when the folder cannot be made or opened."""
+    taken: set[str] = set()
+    for rec in recordings:
+        try:
+            written, refused = export_recording(rec, folder, force, taken)
+        except OSError as exc:
+            raise ExportFailed(f"cannot write to {folder}: {exc.strerror or exc}") from None
+        yield from written
+        yield from refused
 
 
 #: The only names export writes: a session id (the reader accepts only the

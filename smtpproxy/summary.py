@@ -17,11 +17,12 @@ from .events import (
     Side,
     TlsEstablished,
 )
+from .render import visible
 
 if TYPE_CHECKING:
     from .recording import Recording
 
-__all__ = ["SessionSummary", "session_row"]
+__all__ = ["LISTING_HEADERS", "SessionSummary", "listing", "session_row"]
 
 
 @dataclass
@@ -137,3 +138,32 @@ def session_row(rec: Recording) -> tuple[str, ...]:
         ended[:60],
         seconds,
     )
+
+
+#: the columns of ``smtpproxy show FOLDER``, in the order of ``session_row``
+LISTING_HEADERS = (
+    "start",
+    "session",
+    "client",
+    "upstream",
+    "TLS",
+    "AUTH",
+    "accepted",
+    "rejected",
+    "ended",
+    "seconds",
+)
+
+
+def listing(recordings: Iterable[Recording]) -> list[str]:
+    """The lines of ``smtpproxy show FOLDER``: a header line and one row per
+    session, sorted by start, in columns as wide as their widest cell; none
+    without a recording. Cells hold what peers and files said, so their
+    control characters are made visible (render.visible)."""
+    rows = [[visible(cell) for cell in session_row(rec)] for rec in recordings]
+    if not rows:
+        return []
+    rows.sort(key=lambda r: r[0])
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(LISTING_HEADERS)]
+    lines = [list(LISTING_HEADERS), *rows]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in lines]
