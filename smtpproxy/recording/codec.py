@@ -63,9 +63,14 @@ _DERIVE: dict[type, Callable[[bytes], dict[str, object]]] = {
     AuthResponse: auth_response_fields,
     Reply: reply_fields,
 }
-_DERIVED_NAMES = {Command: {"verb", "arg", "path"}, AuthResponse: {"text"}, Reply: {"code", "lines", "enhanced"}}
+_DERIVED_NAMES = {
+    Command: {"verb", "arg", "path"},
+    AuthResponse: {"text"},
+    Reply: {"code", "lines", "enhanced"},
+}
 _WRITTEN: dict[type, list[dataclasses.Field[Any]]] = {
-    cls: [f for f in fields if f.name not in _DERIVED_NAMES.get(cls, ())] for cls, fields in _FIELDS.items()
+    cls: [f for f in fields if f.name not in _DERIVED_NAMES.get(cls, ())]
+    for cls, fields in _FIELDS.items()
 }
 _MISSING = dataclasses.MISSING
 _NO_DEFAULT = object()
@@ -219,7 +224,9 @@ def _input_line(t: float, side: Side, data: bytes | bytearray) -> bytes:
     try:
         text = _str(data.decode("utf-8"))
     except UnicodeDecodeError:
-        return f'[{round(t, 6)!r},"{b64_key}","{base64.b64encode(data).decode("ascii")}"]\n'.encode()
+        return (
+            f'[{round(t, 6)!r},"{b64_key}","{base64.b64encode(data).decode("ascii")}"]\n'.encode()
+        )
     return f'[{round(t, 6)!r},"{text_key}",{text}]\n'.encode()
 
 
@@ -231,7 +238,9 @@ def _dumps(obj: Mapping[str, Any]) -> str:
     return _ENCODER.encode(obj)
 
 
-def decode_event(d: Mapping[str, Any], headers: Callable[[], dict[str, str]] | None = None) -> Entry:
+def decode_event(
+    d: Mapping[str, Any], headers: Callable[[], dict[str, str]] | None = None
+) -> Entry:
     """The inverse of :func:`encode_event`; raises KeyError/ValueError/TypeError.
     ``headers`` gives a ``message_end`` without them its headers (the
     reader's ``MessageHeads``); without it they are empty."""
@@ -244,7 +253,9 @@ def decode_event(d: Mapping[str, Any], headers: Callable[[], dict[str, str]] | N
         if f.name == "auth" and value is not None:
             if not isinstance(value, dict):
                 raise TypeError("auth must be an object")
-            value = AuthDecode(str(value["mechanism"]), dict(value.get("fields", {})), value.get("error"))
+            value = AuthDecode(
+                str(value["mechanism"]), dict(value.get("fields", {})), value.get("error")
+            )
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[f.name] = value
@@ -284,17 +295,23 @@ def _check_types(cls: type, kwargs: Mapping[str, Any]) -> None:
                 raise TypeError(f"{name} must not be null")
             continue
         base = hint.split("|")[0].strip()
-        if base in _SIMPLE and not (isinstance(value, _SIMPLE[base]) and not (base == "int" and isinstance(value, bool))):
+        if base in _SIMPLE and not (
+            isinstance(value, _SIMPLE[base]) and not (base == "int" and isinstance(value, bool))
+        ):
             raise TypeError(f"{name} must be {base}, not {type(value).__name__}")
-        if base.startswith("tuple") and not (isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
+        if base.startswith("tuple") and not (
+            isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+        ):
             raise TypeError(f"{name} must be a list of strings")
         if base.startswith("Mapping[str, str]") and not (
-            isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+            isinstance(value, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
         ):
             raise TypeError(f"{name} must be an object of strings")
         if base.startswith("Mapping[str, object]") and not isinstance(value, dict):
             raise TypeError(f"{name} must be an object")
         if name == "auth" and not (
-            isinstance(value.fields, dict) and all(isinstance(v, str) for v in value.fields.values())
+            isinstance(value.fields, dict)
+            and all(isinstance(v, str) for v in value.fields.values())
         ):
             raise TypeError("auth.fields must be an object of strings")

@@ -55,7 +55,11 @@ class _Inputs:
         if kind in _INPUT_SIDES:
             if len(item) != 3 or not isinstance(item[2], str):
                 raise ValueError(f"a {kind!r} input line carries its bytes as a string")
-            data = base64.b64decode(item[2], validate=True) if kind.endswith("64") else item[2].encode("utf-8")
+            data = (
+                base64.b64decode(item[2], validate=True)
+                if kind.endswith("64")
+                else item[2].encode("utf-8")
+            )
             events = self.conv.feed(_INPUT_SIDES[kind], data)
         elif kind == "tls_established" and len(item) == 2:
             events = self.conv.tls_established()
@@ -76,7 +80,6 @@ class _Inputs:
 
     def close(self, t: float) -> list[Entry]:
         return [Entry(t, ev) for ev in self.conv.close()]
-
 
 
 #: The longest line a reader accepts. The writer writes one read (at most
@@ -100,7 +103,13 @@ def _open_regular(path: Path) -> BinaryIO:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            what = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+            what = (
+                "a folder"
+                if stat.S_ISDIR(mode)
+                else "a FIFO"
+                if stat.S_ISFIFO(mode)
+                else "a device or socket"
+            )
             raise RecordingError(f"{path}: is {what}, not a recording file")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
@@ -193,7 +202,13 @@ def read_recording(path: Path) -> Recording:
                 header = _read_header(path, obj)
                 upgrade = migration(header.version)
                 continue
-            what = "input line" if isinstance(obj, list) else "close line" if obj.get("type") == "close" else "event"
+            what = (
+                "input line"
+                if isinstance(obj, list)
+                else "close line"
+                if obj.get("type") == "close"
+                else "event"
+            )
             try:
                 objs = (obj,) if upgrade is None else upgrade(obj)
             except _DAMAGE as exc:
@@ -207,11 +222,19 @@ def read_recording(path: Path) -> Recording:
                         if not isinstance(totals, dict):
                             raise TypeError("totals must be an object")
                         written_totals = totals
-                        close = Close(t=float(obj.get("t", 0.0)), by=str(obj.get("by", "")), reason=str(obj.get("reason", "")))
+                        close = Close(
+                            t=float(obj.get("t", 0.0)),
+                            by=str(obj.get("by", "")),
+                            reason=str(obj.get("reason", "")),
+                        )
                         new = inputs.close(close.t)
                     else:
                         entry = decode_event(obj, heads.derived)
-                        new = inputs.fed_note(entry) if obj.get("fed") is True and type(entry.event) is Note else [entry]
+                        new = (
+                            inputs.fed_note(entry)
+                            if obj.get("fed") is True and type(entry.event) is Note
+                            else [entry]
+                        )
                 except _DAMAGE as exc:
                     raise RecordingError(f"{path}:{lineno}: not a valid {what} ({exc})") from None
                 for entry in new:
@@ -265,4 +288,3 @@ def iter_recordings(paths: Iterable[Path]) -> list[Path]:
         else:
             out.append(p)
     return out
-

@@ -22,7 +22,6 @@ def ensure_private_dir(path: Path) -> None:
         raise PermissionError(f"cannot write to {path}")
 
 
-
 class Recorder:
     """Writes one session's recording as it happens.
 
@@ -64,7 +63,13 @@ class Recorder:
 
     @classmethod
     def create(
-        cls, folder: Path, session: str, now: _dt.datetime, clock_start: float, derive: bool = True, **header: Any
+        cls,
+        folder: Path,
+        session: str,
+        now: _dt.datetime,
+        clock_start: float,
+        derive: bool = True,
+        **header: Any,
     ) -> Recorder:
         """A new recording in ``folder``, named so a listing sorts by start time.
         ``session`` is a session id (``new_session_id``), the only form a
@@ -131,7 +136,12 @@ class Recorder:
             self.write(now, events)
 
     def feed(
-        self, now: float, side: Side, data: bytes | bytearray, events: Sequence[Event], note: Note | None = None
+        self,
+        now: float,
+        side: Side,
+        data: bytes | bytearray,
+        events: Sequence[Event],
+        note: Note | None = None,
     ) -> None:
         """The Conversation read ``data`` from ``side`` at clock time ``now``;
         ``events`` is what the session reports for it. ``note``: the bytes
@@ -176,11 +186,18 @@ class Recorder:
         if lines:
             self._write(lines[0] if len(lines) == 1 else b"".join(lines))
 
-    def close(self, now: float, by: str, reason: str, extra: Mapping[str, Any] | None = None) -> None:
+    def close(
+        self, now: float, by: str, reason: str, extra: Mapping[str, Any] | None = None
+    ) -> None:
         """Write the close line and close the file. The session's totals are
         not written (the reader counts them from the events); ``extra`` is
         what else belongs with them."""
-        rec: dict[str, Any] = {"t": round(now - self._start, 6), "type": "close", "by": by, "reason": reason}
+        rec: dict[str, Any] = {
+            "t": round(now - self._start, 6),
+            "type": "close",
+            "by": by,
+            "reason": reason,
+        }
         if extra:
             rec["totals"] = dict(extra)
         self._write_text(_dumps(rec) + "\n")
