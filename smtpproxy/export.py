@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .diff import exchanges
 from .events import Reply
-from .protocol import Unstuffer, parse_path
+from .protocol import NEW_TRANSACTION, StepKind, Unstuffer, exchanges
 from .recording import Recording
 
 __all__ = [
@@ -68,36 +67,31 @@ def messages(rec: Recording) -> list[ExportedMessage]:
     rcpts: list[dict[str, Any]] = []
     bdat: ExportedMessage | None = None
     for ex in exchanges(rec.events()):
-        if ex.kind == "command" and ex.verb == "MAIL":
-            text = ex.client.decode("utf-8", "replace")
-            mail_from = _path(text)
-            rcpts = []
-            bdat = None
-        elif ex.kind == "command" and ex.verb == "RCPT":
-            rcpts.append({"address": _path(ex.client.decode("utf-8", "replace")), **_reply(ex.reply)})
-        elif ex.kind == "body":
+        if ex.kind == StepKind.BODY:
             u = Unstuffer()
             content = u.feed(ex.client) + u.end()
             complete = ex.message.complete if ex.message else False
             out.append(ExportedMessage(content, "DATA", mail_from, list(rcpts), ex.reply, complete))
-        elif ex.kind == "command" and ex.verb == "BDAT":
-            _, _, chunk = ex.client.partition(b"\n")
+        elif ex.kind != StepKind.COMMAND:
+            continue
+        elif ex.verb == "MAIL":
+            mail_from = ex.args.path
+            rcpts = []
+            bdat = None
+        elif ex.verb == "RCPT":
+            rcpts.append({"address": ex.args.path, **_reply(ex.reply)})
+        elif ex.verb == "BDAT":
             if bdat is None:
                 bdat = ExportedMessage(b"", "BDAT", mail_from, list(rcpts), None, False)
                 out.append(bdat)
-            bdat.content += chunk
+            bdat.content += ex.chunk
             if ex.message is not None:
                 bdat.complete = ex.message.complete
                 bdat.outcome = ex.reply
                 bdat = None
-        elif ex.kind == "command" and ex.verb in ("RSET", "EHLO", "HELO"):
+        elif ex.verb in NEW_TRANSACTION:
             bdat = None
     return out
-
-
-def _path(line: str) -> str | None:
-    _, _, arg = line.rstrip("\r\n").partition(" ")
-    return parse_path(arg)
 
 
 class ExportRefused(Exception):

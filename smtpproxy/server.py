@@ -30,7 +30,7 @@ from .events import (
     Opaque,
     Side,
 )
-from .protocol import MAX_LINE, ClientState, Conversation, format_reply
+from .protocol import MAX_LINE, ClientState, Conversation, format_reply, parse_args
 from .tls import HandshakeFailed, handshake
 
 __all__ = ["Sink", "SinkConfig"]
@@ -186,22 +186,21 @@ class _Sink:
                     return self._reply(503, "5.5.1 say EHLO or HELO first")
                 if self.mail_from is not None:
                     return self._reply(503, "5.5.1 nested MAIL command")
-                if cmd.path is None or not arg.upper().startswith("FROM:"):
+                args = parse_args(verb, arg)
+                if not args.valid:
                     return self._reply(501, "5.5.4 syntax: MAIL FROM:<address>")
-                for param in arg.split()[1:] if ">" in arg else []:
-                    key, _, value = param.partition("=")
-                    if key.upper() != "SIZE":
-                        continue
-                    if not (value.isascii() and value.isdigit()):
+                size = args.params.get("SIZE")
+                if size is not None:
+                    if not (size.isascii() and size.isdigit()):
                         return self._reply(501, "5.5.4 syntax: SIZE=<octets> (RFC 1870)")
-                    if int(value) > self.config.max_size:
+                    if int(size) > self.config.max_size:
                         return self._reply(552, "5.3.4 message size exceeds fixed limit")
                 self.mail_from = cmd.path
                 return self._reply(250, "2.1.0 sender ok")
             case "RCPT":
                 if self.mail_from is None:
                     return self._reply(503, "5.5.1 need MAIL before RCPT")
-                if not cmd.path or not arg.upper().startswith("TO:"):
+                if not cmd.path or not parse_args(verb, arg).valid:
                     return self._reply(501, "5.5.4 syntax: RCPT TO:<address>")
                 self.rcpts.append(cmd.path)
                 return self._reply(250, "2.1.5 recipient ok")
@@ -265,8 +264,8 @@ class _Sink:
             return self._reply(503, "5.5.1 already authenticated")
         if self.mail_from is not None:
             return self._reply(503, "5.5.1 AUTH is not permitted during a mail transaction")
-        mech, _, initial = arg.partition(" ")
-        mech = mech.upper()
+        args = parse_args("AUTH", arg)
+        mech, initial = args.mechanism or "", args.initial or ""
         if not mech:
             return self._reply(501, "5.5.4 syntax: AUTH <mechanism> [initial-response]")
         if mech not in ("PLAIN", "LOGIN", "CRAM-MD5"):
@@ -318,10 +317,7 @@ class _Sink:
         self.bdat_cmd, self.chunk_octets, self.chunk_seen = None, 0, False
         if cmd is None:
             return b""
-        parts = cmd.arg.split()
-        if not (1 <= len(parts) <= 2 and parts[0].isascii() and parts[0].isdigit()) or (
-            len(parts) == 2 and parts[1].upper() != "LAST"
-        ):
+        if not parse_args(cmd.verb, cmd.arg).valid:
             self._reset()
             return self._reply(501, "5.5.4 syntax: BDAT <size> [LAST]")
         if self.mail_from is None or not self.rcpts:
