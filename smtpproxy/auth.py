@@ -28,7 +28,9 @@ from .events import (
     Command,
     Event,
     Note,
+    NoteKind,
     Opaque,
+    OpaqueReason,
     Reply,
     Side,
 )
@@ -308,8 +310,8 @@ class Redactor:
         self._secrets: list[str] = []
 
     def __call__(self, ev: Event) -> Event:
-        if isinstance(ev, Opaque) and ev.side is Side.CLIENT and ev.reason != "tls":
-            return Note(Side.CLIENT, "redacted", f"{len(ev.raw)} octets the observer could not read ({ev.reason}), redacted")
+        if isinstance(ev, Opaque) and ev.side is Side.CLIENT and ev.reason != OpaqueReason.TLS:
+            return Note(Side.CLIENT, NoteKind.REDACTED, f"{len(ev.raw)} octets the observer could not read ({ev.reason}), redacted")
         if isinstance(ev, Reply):
             return self._reply(ev)
         if isinstance(ev, Command):

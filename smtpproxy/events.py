@@ -230,6 +230,57 @@ class TlsStart:
     raw: ClassVar[bytes] = b""
 
 
+class OpaqueReason(enum.StrEnum):
+    """Why bytes were not read as SMTP. The values are what recordings hold
+    in ``reason``; consumers compare members (a recording read back holds
+    the same strings, which compare equal)."""
+
+    TLS = "tls"  # TLS records: the observer sees ciphertext only there
+    LINE_TOO_LONG = "line too long"  # past MAX_LINE (RFC 5321 4.5.3.1 allows 512/1000)
+    REPLY_TOO_LONG = "reply too long"  # a multi-line reply past MAX_LINE
+    NOT_A_REPLY = "not a reply line"  # no 3-digit code (RFC 5321 4.2)
+    INCOMPLETE_AT_CLOSE = "incomplete at close"  # a partial line when the connection ended
+    INCOMPLETE_REPLY_AT_CLOSE = "incomplete reply at close"
+    PLAINTEXT_AFTER_220 = "plaintext after 220 to STARTTLS"  # RFC 3207 section 6
+    PLAINTEXT_AFTER_STARTTLS = "plaintext pipelined after STARTTLS"
+
+
+class AnomalyKind(enum.StrEnum):
+    """What an ``Anomaly`` flags (the values are what recordings hold)."""
+
+    AUTH_IN_CLEAR = "auth_in_clear"  # AUTH on a connection not encrypted
+    BARE_LF = "bare_lf"  # a line ended with LF alone (RFC 5321 2.3.8)
+    CODE_CHANGED = "code_changed"  # the code changed within a multi-line reply
+    DID_NOT_WAIT = "did_not_wait"  # a client that sent past a reply it must wait for
+    LINE_TOO_LONG = "line_too_long"
+    NOT_A_REPLY = "not_a_reply"
+    REPLY_TOO_LONG = "reply_too_long"
+    STARTTLS_INJECTION = "starttls_injection"  # plaintext around STARTTLS (RFC 3207 6)
+    TOO_MANY_UNANSWERED = "too_many_unanswered"
+
+
+class NoteKind(enum.StrEnum):
+    """What a ``Note`` records (the values are what recordings hold)."""
+
+    PROXY_REPLY = "proxy_reply"  # a reply the proxy wrote to the client itself
+    PROXY_REPLY_FROM_UPSTREAM = "proxy_reply_from_upstream"
+    PROXY_COMMAND = "proxy_command"  # a command the proxy sent upstream itself
+    PROXY_FORWARDED = "proxy_forwarded"
+    STRIP_STARTTLS = "strip_starttls"  # STARTTLS hidden from the client's EHLO reply
+    REDACTED = "redacted"  # client bytes removed by --redact
+    UPSTREAM_ERROR = "upstream_error"  # the upstream could not be reached
+    TLS_ERROR = "tls_error"  # a TLS handshake failed
+    IDLE_TIMEOUT = "idle_timeout"
+    LINE_TIMEOUT = "line_timeout"
+    MESSAGE_TIMEOUT = "message_timeout"
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+
+
+#: Notes the transcript shows as warnings (``!!``). A recording read back
+#: holds plain strings, which hash and compare as the members do.
+WARNING_NOTES: frozenset[str] = frozenset({NoteKind.UPSTREAM_ERROR, NoteKind.TLS_ERROR})
+
+
 @dataclass(frozen=True, slots=True)
 class Opaque:
     """Bytes the observer relays but cannot read as SMTP: TLS records, the rest

@@ -26,7 +26,7 @@ import trio
 
 from . import accept
 from .auth import Redactor
-from .events import Command, Event, Note, Reply, Side
+from .events import Command, Event, Note, NoteKind, Reply, Side
 from .net import connect_reason, format_address
 from .protocol import Conversation, format_reply
 from .recording import Recorder, new_session_id, note_in_place
@@ -225,7 +225,7 @@ class Session(TlsSteps):
         except (OSError, ValueError):
             pass
 
-    async def _reply_to_client(self, code: int, text: str, kind: str) -> None:
+    async def _reply_to_client(self, code: int, text: str, kind: NoteKind) -> None:
         """Send a reply the proxy made itself, and record it as such."""
         data = format_reply(code, text)
         self.observe([Note(Side.SERVER, kind, f"proxy replied: {code} {text}", data)])
@@ -299,7 +299,7 @@ class Session(TlsSteps):
         if not await self._connect():
             return False
         if self.tls.implicit_upstream and not await self._upstream_handshake():
-            await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", "proxy_reply")
+            await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", NoteKind.PROXY_REPLY)
             return False
         return True
 
@@ -317,9 +317,9 @@ class Session(TlsSteps):
             reason = connect_reason(exc)
         label = cfg.upstream_label or format_address(cfg.upstream)
         self._end("proxy", f"upstream {label} unreachable: {reason}")
-        self.observe([Note(Side.SERVER, "upstream_error", self.reason)])
+        self.observe([Note(Side.SERVER, NoteKind.UPSTREAM_ERROR, self.reason)])
         await self._reply_to_client(
-            421, f"4.4.0 smtpproxy: upstream {label} unreachable: {reason}", "proxy_reply"
+            421, f"4.4.0 smtpproxy: upstream {label} unreachable: {reason}", NoteKind.PROXY_REPLY
         )
         return False
 
@@ -341,8 +341,8 @@ class Session(TlsSteps):
                 "message": f"message not completed within {cfg.message_timeout:g}s",
             }[hit]
             self._end("proxy", why)
-            self.observe([Note(Side.CLIENT, f"{hit}_timeout", self.reason)])
-            await self._reply_to_client(421, f"4.4.2 smtpproxy: {why}, closing", "proxy_reply")
+            self.observe([Note(Side.CLIENT, NoteKind(f"{hit}_timeout"), self.reason)])
+            await self._reply_to_client(421, f"4.4.2 smtpproxy: {why}, closing", NoteKind.PROXY_REPLY)
 
     def _next_deadline(self) -> tuple[str, float]:
         """The first deadline of the session and its name: ``idle_timeout``
@@ -466,7 +466,7 @@ class Session(TlsSteps):
         if self.conv.partial_reply_bytes:
             return
         await self._reply_to_client(
-            421, "4.4.2 smtpproxy: upstream closed the connection", "proxy_reply"
+            421, "4.4.2 smtpproxy: upstream closed the connection", NoteKind.PROXY_REPLY
         )
 
 

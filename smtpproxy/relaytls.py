@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .events import Note, Reply, Side, TlsEstablished
+from .events import Note, NoteKind, Reply, Side, TlsEstablished
 from .net import is_ip, tls_reason
 from .protocol import Conversation, format_reply
 from .streams import receive
@@ -57,7 +57,7 @@ class TlsSteps:
 
         async def _send(self, side: Side, data: bytes | bytearray) -> None: ...
 
-        async def _reply_to_client(self, code: int, text: str, kind: str) -> None: ...
+        async def _reply_to_client(self, code: int, text: str, kind: NoteKind) -> None: ...
 
     # -- the handshakes ------------------------------------------------------
 
@@ -67,7 +67,7 @@ class TlsSteps:
         contexts = cfg.server_contexts
         if contexts is None:
             self._end("proxy", "TLS requested but no certificate is configured")
-            self.observe([Note(Side.CLIENT, "tls_error", self.reason)])
+            self.observe([Note(Side.CLIENT, NoteKind.TLS_ERROR, self.reason)])
             return False
         limit = min(
             (t for t in (cfg.handshake_timeout, cfg.idle_timeout) if t > 0), default=math.inf
@@ -101,7 +101,7 @@ class TlsSteps:
                         else ""
                     ),
                 )
-            self.observe([Note(Side.CLIENT, "tls_error", self.reason)])
+            self.observe([Note(Side.CLIENT, NoteKind.TLS_ERROR, self.reason)])
             return False
         # no checkpoint since the lock was released: no writer has used the old stream
         self.streams[Side.CLIENT] = stream
@@ -138,7 +138,7 @@ class TlsSteps:
             )
         except HandshakeFailed as failed:
             self._end("proxy", f"TLS handshake with the upstream failed: {failed.reason}")
-            self.observe([Note(Side.SERVER, "tls_error", self.reason)])
+            self.observe([Note(Side.SERVER, NoteKind.TLS_ERROR, self.reason)])
             return False
         self.streams[Side.SERVER] = stream  # no checkpoint since the lock was released
         self.tls.upstream_tls = True
@@ -163,7 +163,7 @@ class TlsSteps:
         failure there can still be told to the client in clear), then pass
         the 220 on and shake hands with the client."""
         if upgrade_upstream and not await self._upstream_handshake():
-            await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", "proxy_reply")
+            await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", NoteKind.PROXY_REPLY)
             return False
         try:
             await self._send(Side.CLIENT, reply)
@@ -249,7 +249,7 @@ class TlsSteps:
                     [
                         Note(
                             Side.SERVER,
-                            "strip_starttls",
+                            NoteKind.STRIP_STARTTLS,
                             "STARTTLS hidden from the client's EHLO reply",
                         )
                     ]
@@ -268,7 +268,7 @@ class TlsSteps:
             [
                 Note(
                     Side.CLIENT,
-                    "proxy_command",
+                    NoteKind.PROXY_COMMAND,
                     f"proxy sent upstream: {line.decode('utf-8', 'replace').strip()}",
                     line,
                 )
@@ -287,7 +287,7 @@ class TlsSteps:
                     used += len(ev.raw)
                     if isinstance(ev, Reply):
                         self.observe(
-                            [Note(Side.SERVER, "proxy_reply_from_upstream", ev.text, ev.raw)]
+                            [Note(Side.SERVER, NoteKind.PROXY_REPLY_FROM_UPSTREAM, ev.text, ev.raw)]
                         )
                         return ev, bytes(got[used:])
                 del got[:used]
@@ -306,20 +306,20 @@ class TlsSteps:
                     else "upstream closed"
                 )
                 self._end("proxy", why)
-                await self._reply_to_client(421, f"4.7.0 smtpproxy: {why}", "proxy_reply")
+                await self._reply_to_client(421, f"4.7.0 smtpproxy: {why}", NoteKind.PROXY_REPLY)
                 return False
             # what the server sent after its 220 is not carried into TLS, and
             # is flagged as in the default mode (RFC 3207 section 6)
             self.observe(conv.tls_established())
             if not await self._upstream_handshake():
-                await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", "proxy_reply")
+                await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", NoteKind.PROXY_REPLY)
                 return False
             again, rest = await self._exchange(
                 Conversation(greeted=True), self.tls.last_hello or b"EHLO smtpproxy\r\n"
             )
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._end("proxy", f"upstream STARTTLS failed: {tls_reason(exc)}")
-            await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", "proxy_reply")
+            await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", NoteKind.PROXY_REPLY)
             return False
         if again is None:
             self._end("server", "upstream closed after STARTTLS")
@@ -328,7 +328,7 @@ class TlsSteps:
             [
                 Note(
                     Side.SERVER,
-                    "proxy_forwarded",
+                    NoteKind.PROXY_FORWARDED,
                     "the client was given the upstream's EHLO reply after TLS",
                 )
             ]
@@ -344,7 +344,7 @@ class TlsSteps:
         """``--upstream-tls plain`` (or an upstream already in TLS): answer
         the client's STARTTLS here and do not pass it on."""
         reply = format_reply(220, "2.0.0 Ready to start TLS (answered by smtpproxy)")
-        note = Note(Side.SERVER, "proxy_reply", "STARTTLS answered by the proxy", reply)
+        note = Note(Side.SERVER, NoteKind.PROXY_REPLY, "STARTTLS answered by the proxy", reply)
         self.observe(self.conv.feed(Side.SERVER, reply), fed=(Side.SERVER, reply), note=note)
         # the server did not answer it: its next bytes go on as they come
         self.tls.server_answered = False

@@ -15,7 +15,9 @@ from typing import TextIO
 import click
 
 from .events import (
+    WARNING_NOTES,
     Anomaly,
+    AnomalyKind,
     AuthDecode,
     AuthResponse,
     AuthResult,
@@ -25,6 +27,7 @@ from .events import (
     MessageEnd,
     Note,
     Opaque,
+    OpaqueReason,
     Reply,
     Side,
     TlsEstablished,
@@ -139,7 +142,7 @@ class Transcript:
     def events(self, session: str, events: Iterable[Event]) -> None:
         if self.quiet:
             for ev in events:
-                if isinstance(ev, Anomaly) and ev.kind in ("starttls_injection",):
+                if isinstance(ev, Anomaly) and ev.kind == AnomalyKind.STARTTLS_INJECTION:
                     self._anomaly(session, ev)
             return
         for ev in events:
@@ -195,7 +198,7 @@ class Transcript:
                 self._tls[session] = True
                 emit(session, "==", _describe_tls(ev), "proxy")
             case Opaque():
-                if ev.reason != "tls":
+                if ev.reason != OpaqueReason.TLS:
                     who = "client" if ev.side is Side.CLIENT else "server"
                     emit(session, "!!", f"{who} sent {len(ev.raw)} octets: {ev.reason}", "warn")
                 else:
@@ -203,7 +206,7 @@ class Transcript:
             case Anomaly():
                 self._anomaly(session, ev)
             case Note():
-                self._emit_lines(session, "!!" if ev.kind.endswith("error") else "==", ev.text, "warn")
+                self._emit_lines(session, "!!" if ev.kind in WARNING_NOTES else "==", ev.text, "warn")
 
     def summary(self, session: str, text: str) -> None:
         self._emit(session, "==", text, "proxy")

@@ -28,6 +28,7 @@ from .events import (
     MessageData,
     MessageEnd,
     Opaque,
+    OpaqueReason,
     Side,
 )
 from .protocol import MAX_LINE, ClientState, Conversation, format_reply, parse_args
@@ -149,7 +150,7 @@ class _Sink:
                 return self._chunk_done(last=True)
             case MessageEnd():
                 return self._message(ev)
-            case Opaque(reason="line too long") if ev.raw.endswith(b"\n"):
+            case Opaque(reason=OpaqueReason.LINE_TOO_LONG) if ev.raw.endswith(b"\n"):
                 if self.auth_mech is not None:
                     # RFC 4954 section 6; the Conversation keeps reading SASL
                     # lines after this reply, so the session cannot go on

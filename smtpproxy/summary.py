@@ -13,6 +13,7 @@ from .events import (
     Event,
     MessageEnd,
     Note,
+    NoteKind,
     Reply,
     Side,
     TlsEstablished,
@@ -45,7 +46,7 @@ class SessionSummary:
         for ev in events:
             kind = type(ev)
             if kind is Note:
-                if ev.side is Side.CLIENT and ev.kind == "tls_error":  # type: ignore[union-attr]
+                if ev.side is Side.CLIENT and ev.kind == NoteKind.TLS_ERROR:  # type: ignore[union-attr]
                     # an upstream leg shaken hands with first (STARTTLS) is not the client's TLS
                     self.tls, self.tls_failed = None, True
                 continue  # bytes the proxy itself sent, not a peer's

@@ -25,6 +25,7 @@ from collections import deque
 from ..auth import SaslExchange
 from ..events import (
     Anomaly,
+    AnomalyKind,
     AuthDecode,
     AuthResponse,
     AuthResult,
@@ -33,6 +34,7 @@ from ..events import (
     MessageData,
     MessageEnd,
     Opaque,
+    OpaqueReason,
     Reply,
     Side,
     TlsStart,
@@ -208,7 +210,7 @@ class Conversation:
         """Take the next bytes ``side`` sent; return the events they complete."""
         if side is Side.CLIENT:
             if self.client_state is ClientState.TLS and not self._cbuf:
-                self._out.append(Opaque(Side.CLIENT, bytes(data), "tls"))
+                self._out.append(Opaque(Side.CLIENT, bytes(data), OpaqueReason.TLS))
             elif self.client_state is ClientState.DATA and not self._cbuf:
                 # the body's fast path: no copy through the line buffer
                 chunk = bytes(data)
@@ -221,7 +223,7 @@ class Conversation:
                 self._run_client()
         else:
             if self.server_tls and not self._sbuf:
-                self._out.append(Opaque(Side.SERVER, bytes(data), "tls"))
+                self._out.append(Opaque(Side.SERVER, bytes(data), OpaqueReason.TLS))
             else:
                 self._sbuf += data
                 self._run_server()
@@ -241,7 +243,7 @@ class Conversation:
                 Side.SERVER,
                 self._sbuf,
                 "server sent plaintext after its 220 to STARTTLS; not carried into TLS",
-                "plaintext after 220 to STARTTLS",
+                OpaqueReason.PLAINTEXT_AFTER_220,
             )
         self._pending.clear()
         self._waiting_on = None
@@ -262,15 +264,15 @@ class Conversation:
             self._out.append(self._message.end(complete=False))
             self._message = None
         if self._cbuf:
-            self._out.append(Opaque(Side.CLIENT, bytes(self._cbuf), "incomplete at close"))
+            self._out.append(Opaque(Side.CLIENT, bytes(self._cbuf), OpaqueReason.INCOMPLETE_AT_CLOSE))
             self._cbuf.clear()
         if self._reply_raw:
-            self._out.append(Opaque(Side.SERVER, b"".join(self._reply_raw), "incomplete reply at close"))
+            self._out.append(Opaque(Side.SERVER, b"".join(self._reply_raw), OpaqueReason.INCOMPLETE_REPLY_AT_CLOSE))
             self._reply_raw = []
             self._reply_lines = []
             self._reply_held = 0
         if self._sbuf:
-            self._out.append(Opaque(Side.SERVER, bytes(self._sbuf), "incomplete at close"))
+            self._out.append(Opaque(Side.SERVER, bytes(self._sbuf), OpaqueReason.INCOMPLETE_AT_CLOSE))
             self._sbuf.clear()
         out, self._out = self._out, []
         return out
@@ -331,26 +333,26 @@ class Conversation:
 
     # -- client side ------------------------------------------------------
 
-    def _anomaly(self, side: Side, kind: str, detail: str, once: bool = True) -> None:
+    def _anomaly(self, side: Side, kind: AnomalyKind, detail: str, once: bool = True) -> None:
         key = f"{side.value}:{kind}"
         if once and key in self._anomalies:
             return
         self._anomalies.add(key)
         self._out.append(Anomaly(side, kind, detail))
 
-    def _injected(self, side: Side, held: bytearray, detail: str, reason: str) -> None:
+    def _injected(self, side: Side, held: bytearray, detail: str, reason: OpaqueReason) -> None:
         """Plaintext ``side`` sent around a STARTTLS that must not be carried
         into TLS (RFC 3207 section 6): flagged every time, given back as
         opaque, and dropped from the buffer."""
-        self._anomaly(side, "starttls_injection", detail, once=False)
+        self._anomaly(side, AnomalyKind.STARTTLS_INJECTION, detail, once=False)
         self._out.append(Opaque(side, bytes(held), reason))
         held.clear()
 
     def _too_long(self, side: Side, raw: bytes) -> None:
         if side is Side.SERVER and self._reply_raw:
             self._finish_reply()  # keep the events in wire order
-        self._anomaly(side, "line_too_long", f"a line longer than {MAX_LINE} octets")
-        self._out.append(Opaque(side, raw, "line too long"))
+        self._anomaly(side, AnomalyKind.LINE_TOO_LONG, f"a line longer than {MAX_LINE} octets")
+        self._out.append(Opaque(side, raw, OpaqueReason.LINE_TOO_LONG))
 
     def _run_client(self) -> None:
         buf = self._cbuf
@@ -391,12 +393,12 @@ class Conversation:
                         self._out.append(self._message.end(complete=True))
                         self._message = None
             elif state is ClientState.TLS:
-                self._out.append(Opaque(Side.CLIENT, bytes(buf[pos:]), "tls"))
+                self._out.append(Opaque(Side.CLIENT, bytes(buf[pos:]), OpaqueReason.TLS))
                 pos = len(buf)
             else:  # WAITING
                 if len(buf) - pos > MAX_HOLD:
                     self._anomaly(
-                        Side.CLIENT, "did_not_wait", "client sent more than 1 MiB before a reply it must wait for"
+                        Side.CLIENT, AnomalyKind.DID_NOT_WAIT, "client sent more than 1 MiB before a reply it must wait for"
                     )
                     self._release(self._assume_positive())
                     continue
@@ -415,8 +417,8 @@ class Conversation:
 
     def _on_command(self, raw: bytes) -> None:
         text, flags = decode_line(raw)
-        if "bare_lf" in flags:
-            self._anomaly(Side.CLIENT, "bare_lf", "a command line ended with LF alone, not CRLF")
+        if AnomalyKind.BARE_LF in flags:
+            self._anomaly(Side.CLIENT, AnomalyKind.BARE_LF, "a command line ended with LF alone, not CRLF")
         verb, arg, path = split_command(text)
         auth: AuthDecode | None = None
         pending = _Pending(verb) if verb in _STATEFUL else self._plain_pending(verb)
@@ -428,7 +430,7 @@ class Conversation:
             if args.initial:
                 auth = self._sasl.initial(args.initial)
             if not self.encrypted:
-                self._anomaly(Side.CLIENT, "auth_in_clear", "AUTH sent on a connection that is not encrypted")
+                self._anomaly(Side.CLIENT, AnomalyKind.AUTH_IN_CLEAR, "AUTH sent on a connection that is not encrypted")
             self._wait(pending)
         elif verb in ("DATA", "STARTTLS"):
             self._wait(pending)
@@ -474,7 +476,7 @@ class Conversation:
         if len(self._pending) > MAX_PENDING:
             self._pending.popleft()
             self._anomaly(
-                Side.CLIENT, "too_many_unanswered", f"more than {MAX_PENDING} commands without a reply"
+                Side.CLIENT, AnomalyKind.TOO_MANY_UNANSWERED, f"more than {MAX_PENDING} commands without a reply"
             )
 
     def _wait(self, pending: _Pending) -> None:
@@ -547,7 +549,7 @@ class Conversation:
         pos = 0
         while pos < len(buf):
             if self.server_tls:
-                self._out.append(Opaque(Side.SERVER, bytes(buf[pos:]), "tls"))
+                self._out.append(Opaque(Side.SERVER, bytes(buf[pos:]), OpaqueReason.TLS))
                 pos = len(buf)
                 break
             raw, pos, too_long, _ = self._server_lines.cut(buf, pos)
@@ -568,15 +570,15 @@ class Conversation:
                 # a broken line ends a multi-line reply, as clients read it, and
                 # keeps the events in wire order
                 self._finish_reply()
-            self._anomaly(Side.SERVER, "not_a_reply", f"not an SMTP reply line: {text[:60]!r}")
-            self._out.append(Opaque(Side.SERVER, raw, "not a reply line"))
+            self._anomaly(Side.SERVER, AnomalyKind.NOT_A_REPLY, f"not an SMTP reply line: {text[:60]!r}")
+            self._out.append(Opaque(Side.SERVER, raw, OpaqueReason.NOT_A_REPLY))
             return
         code = int(text[:3])
         if self._reply_raw and code != self._reply_code:
-            self._anomaly(Side.SERVER, "code_changed", "reply code changed within a multi-line reply")
+            self._anomaly(Side.SERVER, AnomalyKind.CODE_CHANGED, "reply code changed within a multi-line reply")
             self._finish_reply()
-        if "bare_lf" in flags:
-            self._anomaly(Side.SERVER, "bare_lf", "a reply line ended with LF alone, not CRLF")
+        if AnomalyKind.BARE_LF in flags:
+            self._anomaly(Side.SERVER, AnomalyKind.BARE_LF, "a reply line ended with LF alone, not CRLF")
         self._reply_code = code
         self._reply_raw.append(raw)
         self._reply_lines.append(text[4:])
@@ -592,8 +594,8 @@ class Conversation:
         """A multi-line reply past ``MAX_LINE`` octets (a server that never
         sends the last line must not grow memory): the lines so far but the
         last become opaque; the last keeps the reply open until its end."""
-        self._anomaly(Side.SERVER, "reply_too_long", f"a multi-line reply longer than {MAX_LINE} octets")
-        self._out.append(Opaque(Side.SERVER, b"".join(self._reply_raw[:-1]), "reply too long"))
+        self._anomaly(Side.SERVER, AnomalyKind.REPLY_TOO_LONG, f"a multi-line reply longer than {MAX_LINE} octets")
+        self._out.append(Opaque(Side.SERVER, b"".join(self._reply_raw[:-1]), OpaqueReason.REPLY_TOO_LONG))
         del self._reply_raw[:-1], self._reply_lines[:-1]
         self._reply_held = len(self._reply_raw[0])
 
@@ -676,7 +678,7 @@ class Conversation:
                     Side.CLIENT,
                     self._cbuf,
                     "plaintext sent after STARTTLS before the 220 reply (CVE-2011-0411 class)",
-                    "plaintext pipelined after STARTTLS",
+                    OpaqueReason.PLAINTEXT_AFTER_STARTTLS,
                 )
         elif release is not None:
             self._release(release)
