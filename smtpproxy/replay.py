@@ -27,7 +27,7 @@ from .auth import REDACTED, AuthError, b64decode, client_response
 from .diff import Exchange, compare_replies, exchanges_of
 from .events import Command, Event, MessageData, MessageEnd, Reply, Side, TlsEstablished
 from .net import connect_reason, format_address
-from .protocol import ClientState, Conversation, line_text, split_command
+from .protocol import NEW_TRANSACTION, ClientState, Conversation, StepKind
 from .protocol.text import Unstuffer, dot_stuff
 from .recording import Recorder, Recording, new_session_id
 from .tls import HandshakeFailed, client_context, handshake, handshake_facts
@@ -602,10 +602,9 @@ def _binarymime(exs: list[Exchange], i: int) -> bool:
     """Whether the MAIL command of the transaction that step ``i`` is in
     said BODY=BINARYMIME (RFC 3030 section 3)."""
     for ex in reversed(exs[:i]):
-        if ex.kind == "command" and ex.verb == "MAIL":
-            _, arg, _ = split_command(line_text(ex.client))
-            return "BODY=BINARYMIME" in arg.upper().split()
-        if ex.kind == "command" and ex.verb in ("RSET", "EHLO", "HELO"):
+        if ex.kind == StepKind.COMMAND and ex.verb == "MAIL":
+            return ex.args.params.get("BODY", "").upper() == "BINARYMIME"
+        if ex.kind == StepKind.COMMAND and ex.verb in NEW_TRANSACTION:
             break
     return False
 
