@@ -86,7 +86,10 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=10000)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="smtpproxy-observer-") as tmp:
-        for derive, layout in ((True, "reads written (default)"), (False, "events written (--redact)")):
+        for derive, layout in (
+            (True, "reads written (default)"),
+            (False, "events written (--redact)"),
+        ):
             run(1000, Path(tmp), derive)  # warm up
             best = min(run(args.messages, Path(tmp), derive) for _ in range(3))
             print(

@@ -21,7 +21,9 @@ C, S = Side.CLIENT, Side.SERVER
 
 
 def transcript(transactions: int) -> list[tuple[Side, bytes]]:
-    body = (b"Subject: bench\r\nFrom: a@example.org\r\nTo: b@example.net\r\n\r\n" + b"x" * 70 + b"\r\n") * 12
+    body = (
+        b"Subject: bench\r\nFrom: a@example.org\r\nTo: b@example.net\r\n\r\n" + b"x" * 70 + b"\r\n"
+    ) * 12
     steps: list[tuple[Side, bytes]] = [
         (S, b"220 mx.example ESMTP\r\n"),
         (C, b"EHLO client.example\r\n"),
@@ -69,7 +71,9 @@ def bench_body(megabytes: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--transactions", type=int, default=20000)
     ap.add_argument("--body-mb", type=int, default=200)
     args = ap.parse_args()

@@ -135,25 +135,50 @@ def one_run(hop: str, wl: dict, scratch: Path) -> Run:
         if hop != "direct":
             target = free_port()
             if hop == "socat":
-                cmd = ["socat", f"TCP-LISTEN:{target},bind=127.0.0.1,fork,reuseaddr,backlog=4096", f"TCP:127.0.0.1:{sink_port}"]
+                cmd = [
+                    "socat",
+                    f"TCP-LISTEN:{target},bind=127.0.0.1,fork,reuseaddr,backlog=4096",
+                    f"TCP:127.0.0.1:{sink_port}",
+                ]
             elif hop == "trio":
                 cmd = [sys.executable, str(HERE / "trio_relay.py"), str(target), str(sink_port)]
             else:
                 cmd = [
-                    sys.executable, "-m", "smtpproxy", "record", "--listen", f"127.0.0.1:{target}",
-                    "--upstream", f"127.0.0.1:{sink_port}", "--recordings", str(rec_dir), "--quiet",
-                    "--no-color", "--max-sessions", "100000",
+                    sys.executable,
+                    "-m",
+                    "smtpproxy",
+                    "record",
+                    "--listen",
+                    f"127.0.0.1:{target}",
+                    "--upstream",
+                    f"127.0.0.1:{sink_port}",
+                    "--recordings",
+                    str(rec_dir),
+                    "--quiet",
+                    "--no-color",
+                    "--max-sessions",
+                    "100000",
                 ]
                 if hop == "1worker":
                     cmd += ["--workers", "1"]
             hop_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wait_listening(target, hop_proc)
-        src = ["smtp-source", "-s", str(wl["sessions"]), "-m", str(wl["messages"]), "-l", str(wl["size"])]
+        src = [
+            "smtp-source",
+            "-s",
+            str(wl["sessions"]),
+            "-m",
+            str(wl["messages"]),
+            "-l",
+            str(wl["size"]),
+        ]
         if wl["reuse"]:
             src.append("-d")
         src.append(f"127.0.0.1:{target}")
         t0 = time.perf_counter()
-        subprocess.run(src, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800)
+        subprocess.run(
+            src, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800
+        )
         seconds = time.perf_counter() - t0
         run = Run(hop, seconds, 0)
         if hop in PROXIES and hop_proc is not None:
@@ -176,23 +201,31 @@ def one_run(hop: str, wl: dict, scratch: Path) -> Run:
             run.rec_bytes += f.stat().st_size
             close = read_recording(f).close
             totals = close.totals if close is not None else {}
-            run.wire_bytes += totals.get("bytes_from_client", 0) + totals.get("bytes_from_server", 0)
+            run.wire_bytes += totals.get("bytes_from_client", 0) + totals.get(
+                "bytes_from_server", 0
+            )
         shutil.rmtree(rec_dir, ignore_errors=True)
     return run
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--workloads", default="small,large,conn,lat")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--scale", type=float, default=1.0, help="multiply message counts (0.1 for a quick run)")
+    ap.add_argument(
+        "--scale", type=float, default=1.0, help="multiply message counts (0.1 for a quick run)"
+    )
     ap.add_argument("--hops", default=",".join(HOPS))
     args = ap.parse_args()
     for tool in ("smtp-source", "smtp-sink", "socat"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: apt-get install postfix socat (the daemon need not run)")
     hops = args.hops.split(",")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}"
+    )
     print(f"command: {' '.join(sys.argv)}\n")
     failed = False
     with tempfile.TemporaryDirectory(prefix="smtpproxy-bench-") as tmp:
@@ -202,17 +235,23 @@ def main() -> int:
             wl["messages"] = max(wl["sessions"], int(wl["messages"] * args.scale))
             runs: dict[str, list[Run]] = {h: [] for h in hops}
             for r in range(args.rounds):
-                order = hops[r % len(hops):] + hops[: r % len(hops)]
+                order = hops[r % len(hops) :] + hops[: r % len(hops)]
                 for hop in order:
                     run = one_run(hop, wl, scratch)
                     if run.delivered != wl["messages"]:
                         failed = True
-                        print(f"!! {name}/{hop}: {run.delivered} of {wl['messages']} messages arrived")
+                        print(
+                            f"!! {name}/{hop}: {run.delivered} of {wl['messages']} messages arrived"
+                        )
                     runs[hop].append(run)
             med = {h: statistics.median(x.seconds for x in runs[h]) for h in hops}
-            print(f"## {name}: {wl['sessions']} sessions, {wl['messages']} messages of {wl['size']} octets"
-                  f"{', several per connection' if wl['reuse'] else ', one per connection'}; {args.rounds} rounds")
-            print("| hop | median s | x direct | x trio relay | peak RSS (largest process) | PSS of all processes at the end | recording/msg | recording/wire |")
+            print(
+                f"## {name}: {wl['sessions']} sessions, {wl['messages']} messages of {wl['size']} octets"
+                f"{', several per connection' if wl['reuse'] else ', one per connection'}; {args.rounds} rounds"
+            )
+            print(
+                "| hop | median s | x direct | x trio relay | peak RSS (largest process) | PSS of all processes at the end | recording/msg | recording/wire |"
+            )
             print("|---|---|---|---|---|---|---|---|")
             for h in hops:
                 rss = pss = rec = ratio = ""
@@ -224,7 +263,9 @@ def main() -> int:
                     ratio = f"{last.rec_bytes / max(1, last.wire_bytes):.2f}"
                 xd = med[h] / med["direct"] if "direct" in med else float("nan")
                 xt = med[h] / med["trio"] if "trio" in med else float("nan")
-                print(f"| {h} | {med[h]:.2f} | {xd:.2f} | {xt:.2f} | {rss} | {pss} | {rec} | {ratio} |")
+                print(
+                    f"| {h} | {med[h]:.2f} | {xd:.2f} | {xt:.2f} | {rss} | {pss} | {rec} | {ratio} |"
+                )
             print()
     return 1 if failed else 0
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A minimal trio TCP byte relay: the baseline smtpproxy is measured against.
 
-    python bench/trio_relay.py LISTEN_PORT UPSTREAM_PORT
+python bench/trio_relay.py LISTEN_PORT UPSTREAM_PORT
 """
 
 import sys

@@ -266,7 +266,25 @@ REDACTED = "<redacted>"
 #: Mechanisms whose payloads this module knows field by field.
 KNOWN_MECHANISMS = frozenset({"PLAIN", "LOGIN", "CRAM-MD5", "XOAUTH2", "OAUTHBEARER"})
 _SMTP_VERBS = frozenset(
-    ["HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "EXPN", "HELP", "AUTH", "STARTTLS", "ETRN", "TURN", "ATRN"]
+    [
+        "HELO",
+        "EHLO",
+        "MAIL",
+        "RCPT",
+        "DATA",
+        "BDAT",
+        "RSET",
+        "NOOP",
+        "QUIT",
+        "VRFY",
+        "EXPN",
+        "HELP",
+        "AUTH",
+        "STARTTLS",
+        "ETRN",
+        "TURN",
+        "ATRN",
+    ]
 )
 
 
@@ -282,7 +300,9 @@ def _looks_like_sasl(line: bytes) -> bool:
 #: response or ``=`` (RFC 4954 section 4). Servers also take other
 #: whitespace (Postfix any, OpenSMTPD and aiosmtpd a tab between the
 #: arguments: docs/interop.md); such a line is redacted whole.
-_CLEAN_AUTH = re.compile(rb"AUTH [A-Za-z0-9_-]{1,20}(?: (?:[A-Za-z0-9+/]+={0,2}|=))?\r?\n?", re.IGNORECASE)
+_CLEAN_AUTH = re.compile(
+    rb"AUTH [A-Za-z0-9_-]{1,20}(?: (?:[A-Za-z0-9+/]+={0,2}|=))?\r?\n?", re.IGNORECASE
+)
 
 
 class Redactor:
@@ -311,15 +331,29 @@ class Redactor:
 
     def __call__(self, ev: Event) -> Event:
         if isinstance(ev, Opaque) and ev.side is Side.CLIENT and ev.reason != OpaqueReason.TLS:
-            return Note(Side.CLIENT, NoteKind.REDACTED, f"{len(ev.raw)} octets the observer could not read ({ev.reason}), redacted")
+            return Note(
+                Side.CLIENT,
+                NoteKind.REDACTED,
+                f"{len(ev.raw)} octets the observer could not read ({ev.reason}), redacted",
+            )
         if isinstance(ev, Reply):
             return self._reply(ev)
         if isinstance(ev, Command):
             if ev.verb == "AUTH" and not _CLEAN_AUTH.fullmatch(ev.raw):
                 return self._whole_auth(ev)
-            if ev.auth is None and ev.verb not in _SMTP_VERBS and (ev.verb.startswith("AUTH") or _looks_like_sasl(ev.raw)):
+            if (
+                ev.auth is None
+                and ev.verb not in _SMTP_VERBS
+                and (ev.verb.startswith("AUTH") or _looks_like_sasl(ev.raw))
+            ):
                 self._remember(ev.verb, _words(ev.raw))
-                return replace(ev, raw=f"{REDACTED}\r\n".encode(), verb=REDACTED.upper(), arg="", flags=(*ev.flags, "redacted"))
+                return replace(
+                    ev,
+                    raw=f"{REDACTED}\r\n".encode(),
+                    verb=REDACTED.upper(),
+                    arg="",
+                    flags=(*ev.flags, "redacted"),
+                )
         if not isinstance(ev, (Command, AuthResponse)) or ev.auth is None:
             return ev
         unknown = ev.auth.mechanism not in KNOWN_MECHANISMS
@@ -332,7 +366,9 @@ class Redactor:
         flags = (*ev.flags, "redacted")
         if isinstance(ev, Command):
             head = f"{ev.verb} {ev.auth.mechanism} {REDACTED}\r\n".encode()
-            return replace(ev, raw=head, arg=f"{ev.auth.mechanism} {REDACTED}", auth=auth, flags=flags)
+            return replace(
+                ev, raw=head, arg=f"{ev.auth.mechanism} {REDACTED}", auth=auth, flags=flags
+            )
         return replace(ev, raw=f"{REDACTED}\r\n".encode(), text=REDACTED, auth=auth, flags=flags)
 
     def _whole_auth(self, ev: Command) -> Event:
@@ -340,7 +376,11 @@ class Redactor:
         self._remember(None, [*_words(ev.raw)[2:], ev.arg, *_secret_values(ev.auth)])
         auth = _redacted_auth(ev.auth) if ev.auth is not None else None
         return replace(
-            ev, raw=f"AUTH {REDACTED}\r\n".encode(), arg=REDACTED, auth=auth, flags=(*ev.flags, "redacted")
+            ev,
+            raw=f"AUTH {REDACTED}\r\n".encode(),
+            arg=REDACTED,
+            auth=auth,
+            flags=(*ev.flags, "redacted"),
         )
 
     def _remember(self, verb: str | None, secrets: Iterable[str]) -> None:

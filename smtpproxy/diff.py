@@ -51,10 +51,21 @@ def exchanges_of(recording: Recording) -> list[Exchange]:
 # -- comparing replies ---------------------------------------------------------
 
 _MASKS: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"\b(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun),?\s+\d{1,2}\s+\w{3}\s+\d{2,4}\s+[\d:]+(?:\s+[+-]\d{4})?(?:\s+\(\w+\))?", re.IGNORECASE), "<date>"),
+    (
+        re.compile(
+            r"\b(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun),?\s+\d{1,2}\s+\w{3}\s+\d{2,4}\s+[\d:]+(?:\s+[+-]\d{4})?(?:\s+\(\w+\))?",
+            re.IGNORECASE,
+        ),
+        "<date>",
+    ),
     (re.compile(r"\b\d{4}-\d{2}-\d{2}(?:[T ][\d:.]+(?:Z|[+-]\d{2}:?\d{2})?)?"), "<date>"),
     (re.compile(r"\b\d{1,2}:\d{2}(?::\d{2})?(?:\.\d+)?\b"), "<time>"),
-    (re.compile(r"\[?\b(?:\d{1,3}\.){3}\d{1,3}\b\]?|\[?[0-9a-f]*:[0-9a-f:]+:[0-9a-f]*\]?", re.IGNORECASE), "<ip>"),
+    (
+        re.compile(
+            r"\[?\b(?:\d{1,3}\.){3}\d{1,3}\b\]?|\[?[0-9a-f]*:[0-9a-f:]+:[0-9a-f]*\]?", re.IGNORECASE
+        ),
+        "<ip>",
+    ),
     (re.compile(r"<[^<>\s@]*@[^<>\s]*>"), "<address>"),
     (re.compile(r"\b[^\s@<>]+@[^\s@<>]+\b"), "<address>"),
     (re.compile(r"\b(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z]{2,}\b", re.IGNORECASE), "<host>"),
@@ -91,7 +102,9 @@ def _caps(reply: Reply) -> Mapping[str, str]:
     return reply.capabilities or {}
 
 
-def compare_replies(expected: Reply | None, actual: Reply | None, strict: bool = False) -> list[str]:
+def compare_replies(
+    expected: Reply | None, actual: Reply | None, strict: bool = False
+) -> list[str]:
     """Why ``actual`` does not count as ``expected``; empty when it does."""
     if expected is None and actual is None:
         return []
@@ -196,7 +209,10 @@ def _auth_users(exs: Sequence[Exchange]) -> dict[int, str | None]:
 
 
 def compare_commands(
-    a: Exchange, b: Exchange, users: tuple[str | None, str | None] = (None, None), strict: bool = False
+    a: Exchange,
+    b: Exchange,
+    users: tuple[str | None, str | None] = (None, None),
+    strict: bool = False,
 ) -> list[str]:
     """How two aligned commands differ in what they mean: MAIL and RCPT
     paths and ESMTP parameters (values masked as reply texts are, so a SIZE
@@ -219,7 +235,9 @@ def compare_commands(
                 out.append(f"parameter {key}={pa.params[key]} -> {key}={pb.params[key]}")
     elif a.verb == "BDAT":
         if (pa.size, pa.last) != (pb.size, pb.last):
-            out.append(f"chunk {pa.size}{' LAST' if pa.last else ''} -> {pb.size}{' LAST' if pb.last else ''}")
+            out.append(
+                f"chunk {pa.size}{' LAST' if pa.last else ''} -> {pb.size}{' LAST' if pb.last else ''}"
+            )
     elif a.verb == "AUTH":
         if pa.mechanism != pb.mechanism:
             out.append(f"mechanism {pa.mechanism} -> {pb.mechanism}")
@@ -237,7 +255,9 @@ def diff_sessions(
     aligns lines) and compare each aligned pair: what the commands mean
     (:func:`compare_commands`) and the replies (:func:`compare_replies`). Returns the number of
     exchanges compared and the differences."""
-    matcher = difflib.SequenceMatcher(a=[_key(x) for x in a], b=[_key(x) for x in b], autojunk=False)
+    matcher = difflib.SequenceMatcher(
+        a=[_key(x) for x in a], b=[_key(x) for x in b], autojunk=False
+    )
     users_a, users_b = _auth_users(a), _auth_users(b)
     diffs: list[Difference] = []
     count = 0
@@ -248,14 +268,22 @@ def diff_sessions(
                 reasons = compare_commands(a[i], b[j], (users_a.get(i), users_b.get(j)), strict)
                 reasons += compare_replies(a[i].reply, b[j].reply, strict)
                 if reasons:
-                    diffs.append(Difference(i, a[i].label, a[i].reply, b[j].reply, reasons, a[i].label, b[j].label))
+                    diffs.append(
+                        Difference(
+                            i, a[i].label, a[i].reply, b[j].reply, reasons, a[i].label, b[j].label
+                        )
+                    )
             continue
         for i in range(i1, i2):
             count += 1
-            diffs.append(Difference(i, a[i].label, a[i].reply, None, ["only in A"], a[i].label, None))
+            diffs.append(
+                Difference(i, a[i].label, a[i].reply, None, ["only in A"], a[i].label, None)
+            )
         for j in range(j1, j2):
             count += 1
-            diffs.append(Difference(i1, b[j].label, None, b[j].reply, ["only in B"], None, b[j].label))
+            diffs.append(
+                Difference(i1, b[j].label, None, b[j].reply, ["only in B"], None, b[j].label)
+            )
     return count, diffs
 
 
@@ -287,4 +315,3 @@ def _reply_lines(reply: Reply | None) -> list[str]:
         return ["(no reply)"]
     raw = reply.raw.decode("utf-8", "backslashreplace").splitlines()
     return raw or [f"{reply.code}"]
-

@@ -142,7 +142,12 @@ def export_recording(
     try:
         for n, msg in enumerate(messages(rec), 1):
             stem = f"{rec.header.session}-{n:03d}"
-            env = {"session": rec.header.session, "recording": str(rec.path), "message": n, **msg.envelope()}
+            env = {
+                "session": rec.header.session,
+                "recording": str(rec.path),
+                "message": n,
+                **msg.envelope(),
+            }
             files = (
                 (f"{stem}.eml", msg.content),
                 (f"{stem}.json", (json.dumps(env, indent=2, ensure_ascii=False) + "\n").encode()),
@@ -179,7 +184,9 @@ def _write(dir_fd: int, folder: Path, name: str, data: bytes, force: bool) -> No
             fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
         except FileExistsError:
             if not force:
-                raise ExportRefused(f"{folder / name}: exists; not overwritten (--force replaces it)") from None
+                raise ExportRefused(
+                    f"{folder / name}: exists; not overwritten (--force replaces it)"
+                ) from None
             os.unlink(name, dir_fd=dir_fd)
             fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
     except ExportRefused:

@@ -13,7 +13,14 @@ from typing import Any
 
 import trio
 
-__all__ = ["connect_reason", "format_address", "is_ip", "is_loopback", "parse_hostport", "tls_reason"]
+__all__ = [
+    "connect_reason",
+    "format_address",
+    "is_ip",
+    "is_loopback",
+    "parse_hostport",
+    "tls_reason",
+]
 
 
 def parse_hostport(value: str, default_port: int | None = None) -> tuple[str, int]:

@@ -299,7 +299,9 @@ class Session(TlsSteps):
         if not await self._connect():
             return False
         if self.tls.implicit_upstream and not await self._upstream_handshake():
-            await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", NoteKind.PROXY_REPLY)
+            await self._reply_to_client(
+                421, f"4.7.0 smtpproxy: {self.reason}", NoteKind.PROXY_REPLY
+            )
             return False
         return True
 
@@ -342,7 +344,9 @@ class Session(TlsSteps):
             }[hit]
             self._end("proxy", why)
             self.observe([Note(Side.CLIENT, NoteKind(f"{hit}_timeout"), self.reason)])
-            await self._reply_to_client(421, f"4.4.2 smtpproxy: {why}, closing", NoteKind.PROXY_REPLY)
+            await self._reply_to_client(
+                421, f"4.4.2 smtpproxy: {why}, closing", NoteKind.PROXY_REPLY
+            )
 
     def _next_deadline(self) -> tuple[str, float]:
         """The first deadline of the session and its name: ``idle_timeout``

@@ -163,7 +163,9 @@ class TlsSteps:
         failure there can still be told to the client in clear), then pass
         the 220 on and shake hands with the client."""
         if upgrade_upstream and not await self._upstream_handshake():
-            await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", NoteKind.PROXY_REPLY)
+            await self._reply_to_client(
+                421, f"4.7.0 smtpproxy: {self.reason}", NoteKind.PROXY_REPLY
+            )
             return False
         try:
             await self._send(Side.CLIENT, reply)
@@ -312,14 +314,18 @@ class TlsSteps:
             # is flagged as in the default mode (RFC 3207 section 6)
             self.observe(conv.tls_established())
             if not await self._upstream_handshake():
-                await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", NoteKind.PROXY_REPLY)
+                await self._reply_to_client(
+                    421, f"4.7.0 smtpproxy: {self.reason}", NoteKind.PROXY_REPLY
+                )
                 return False
             again, rest = await self._exchange(
                 Conversation(greeted=True), self.tls.last_hello or b"EHLO smtpproxy\r\n"
             )
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._end("proxy", f"upstream STARTTLS failed: {tls_reason(exc)}")
-            await self._reply_to_client(421, f"4.7.0 smtpproxy: {self.reason}", NoteKind.PROXY_REPLY)
+            await self._reply_to_client(
+                421, f"4.7.0 smtpproxy: {self.reason}", NoteKind.PROXY_REPLY
+            )
             return False
         if again is None:
             self._end("server", "upstream closed after STARTTLS")

@@ -44,7 +44,9 @@ _CONTROLS = [*range(0x20), 0x7F, *range(0x80, 0xA0)]
 _BIDI = [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029]
 _VISIBLE = {
     **{c: f"\\x{c:02x}" for c in _CONTROLS},
-    0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r",
+    0x09: "\\t",
+    0x0A: "\\n",
+    0x0D: "\\r",
     **{c: f"\\u{c:04x}" for c in _BIDI},
 }
 #: What the json module leaves raw in a string (DEL, C1, the overrides), as
@@ -116,7 +118,9 @@ class Transcript:
     def _emit(self, session: str, marker: str, text: str, role: str) -> None:
         """One transcript line: ``text`` with its control characters made
         visible, so a peer can neither act on the terminal nor start a line."""
-        line = f"[{session}] {marker} {visible(text)}" if self._prefix else f"{marker} {visible(text)}"
+        line = (
+            f"[{session}] {marker} {visible(text)}" if self._prefix else f"{marker} {visible(text)}"
+        )
         if self._color:
             line = click.style(line, fg=_COLORS[role])
         self._out.write(line + "\n")
@@ -202,11 +206,18 @@ class Transcript:
                     who = "client" if ev.side is Side.CLIENT else "server"
                     emit(session, "!!", f"{who} sent {len(ev.raw)} octets: {ev.reason}", "warn")
                 else:
-                    emit(session, self._marker(session, ev.side), f"({len(ev.raw)} octets of TLS)", "proxy")
+                    emit(
+                        session,
+                        self._marker(session, ev.side),
+                        f"({len(ev.raw)} octets of TLS)",
+                        "proxy",
+                    )
             case Anomaly():
                 self._anomaly(session, ev)
             case Note():
-                self._emit_lines(session, "!!" if ev.kind in WARNING_NOTES else "==", ev.text, "warn")
+                self._emit_lines(
+                    session, "!!" if ev.kind in WARNING_NOTES else "==", ev.text, "warn"
+                )
 
     def summary(self, session: str, text: str) -> None:
         self._emit(session, "==", text, "proxy")
@@ -237,4 +248,3 @@ def _describe_tls(ev: TlsEstablished) -> str:
     if ev.verified:
         parts.append(f"verification: {ev.verified}")
     return ", ".join(parts)
-

@@ -32,7 +32,15 @@ from .protocol.text import Unstuffer, dot_stuff
 from .recording import Recorder, Recording, new_session_id
 from .tls import HandshakeFailed, client_context, handshake, handshake_facts
 
-__all__ = ["ReplayOptions", "ReplayResult", "Step", "format_result", "format_table", "replay", "replay_all"]
+__all__ = [
+    "ReplayOptions",
+    "ReplayResult",
+    "Step",
+    "format_result",
+    "format_table",
+    "replay",
+    "replay_all",
+]
 
 
 @dataclass
@@ -111,7 +119,10 @@ class _Replayer:
     # -- I/O --------------------------------------------------------------
 
     def _observe(
-        self, events: list[Event], fed: tuple[Side, bytes | bytearray] | None = None, call: str | None = None
+        self,
+        events: list[Event],
+        fed: tuple[Side, bytes | bytearray] | None = None,
+        call: str | None = None,
     ) -> None:
         """Take the Conversation's events (``fed``: for these bytes; ``call``:
         for this call of its; neither: events made here)."""
@@ -148,12 +159,20 @@ class _Replayer:
         host = self.opts.target[0]
         context = client_context(self.opts.cafile, self.opts.insecure)
         try:
-            stream = await handshake(self.stream, context, server_side=False, server_hostname=host, timeout=self.opts.timeout)
+            stream = await handshake(
+                self.stream,
+                context,
+                server_side=False,
+                server_hostname=host,
+                timeout=self.opts.timeout,
+            )
         except HandshakeFailed as failed:
             raise _Stop(f"TLS handshake with the target failed: {failed.reason}") from None
         self.stream = stream
         facts = handshake_facts(stream._ssl_object)
-        self._observe([TlsEstablished(Side.SERVER, facts.version, facts.cipher, sni=host, peer=facts.peer)])
+        self._observe(
+            [TlsEstablished(Side.SERVER, facts.version, facts.cipher, sni=host, peer=facts.peer)]
+        )
 
     # -- the replay -------------------------------------------------------
 
@@ -200,7 +219,12 @@ class _Replayer:
                 await trio.aclose_forcefully(self.stream)
             self._observe(self.conv.close(), call="close")
             if self.recorder is not None:
-                self.recorder.close(trio.current_time(), "client", "replay finished", {"differences": self.result.differences})
+                self.recorder.close(
+                    trio.current_time(),
+                    "client",
+                    "replay finished",
+                    {"differences": self.result.differences},
+                )
         return self.result
 
     async def _quit(self) -> None:
@@ -267,7 +291,11 @@ class _Replayer:
                     i = await self._drop_message(exs, i, "the recorded chunk is cut short")
                 continue
             group = [ex]
-            if ex.kind == "command" and ex.group is not None and "PIPELINING" in self.conv.capabilities:
+            if (
+                ex.kind == "command"
+                and ex.group is not None
+                and "PIPELINING" in self.conv.capabilities
+            ):
                 # a BDAT ends a group: the next chunk waits for its reply
                 j = i + 1
                 while (
@@ -308,7 +336,9 @@ class _Replayer:
             if reply.code == 354 and not body:
                 await self._send(b".\r\n")
                 empty = Exchange("body", "<body>", b".\r\n", message=MessageEnd(size=0, headers={}))
-                self._step(empty, await self._reply(), "empty message ends the DATA the target accepted")
+                self._step(
+                    empty, await self._reply(), "empty message ends the DATA the target accepted"
+                )
             return nxt
         if ex.verb == "BDAT" and ex.kind == "command" and not 200 <= reply.code < 300:
             why = f"the target refused an earlier chunk of this message with {reply.code}"
@@ -473,7 +503,9 @@ class _Replayer:
         command is RSET or QUIT, or there is none."""
         if nxt >= len(exs) or (exs[nxt].kind == "command" and exs[nxt].verb in ("RSET", "QUIT")):
             return
-        await self._added("RSET", "RSET: the transaction did not end as recorded (RFC 5321 section 4.1.1.5)")
+        await self._added(
+            "RSET", "RSET: the transaction did not end as recorded (RFC 5321 section 4.1.1.5)"
+        )
 
     async def _bdat_as_data(self, exs: list[Exchange], i: int) -> int:
         """The target does not offer CHUNKING, so it would read a chunk's
@@ -496,7 +528,8 @@ class _Replayer:
         if why is not None:
             return await self._drop_message(exs, i, why)
         reply = await self._added(
-            "DATA", "the target does not offer CHUNKING: the BDAT message goes with DATA, dot-stuffed"
+            "DATA",
+            "the target does not offer CHUNKING: the BDAT message goes with DATA, dot-stuffed",
         )
         if reply.code != 354:
             return await self._drop_message(exs, i, f"the target answered DATA with {reply.code}")
@@ -524,9 +557,13 @@ class _Replayer:
         start = Exchange("command", "STARTTLS", b"STARTTLS\r\n")
         await self._send(start.client)
         reply = await self._reply()
-        self.result.steps.append(Step(start, reply, True, [], "STARTTLS as the proxy did (--upstream-tls starttls)"))
+        self.result.steps.append(
+            Step(start, reply, True, [], "STARTTLS as the proxy did (--upstream-tls starttls)")
+        )
         if reply is None or reply.code != 220:
-            raise _Stop("the target refused STARTTLS, which the recorded upstream leg used; the rest is not sent in clear")
+            raise _Stop(
+                "the target refused STARTTLS, which the recorded upstream leg used; the rest is not sent in clear"
+            )
         await self._handshake()
         self._observe(self.conv.tls_established(), call="tls_established")
         again = Exchange("command", ehlo.verb, ehlo.client)
@@ -560,7 +597,11 @@ class _Replayer:
         user = self.opts.user or self._recorded_user() or ""
         password = self.opts.password
         if password is None:
-            why = "the recording is redacted" if self._is_redacted() else f"AUTH {mech} answers a new challenge"
+            why = (
+                "the recording is redacted"
+                if self._is_redacted()
+                else f"AUTH {mech} answers a new challenge"
+            )
             raise _Unusable(f"{why}: give the password with --password or SMTPPROXY_PASSWORD")
         payload = client_response(mech, user, password, challenge)
         if payload is AuthError.UNKNOWN_MECHANISM:
@@ -632,7 +673,6 @@ async def replay_all(recording: Recording, options: list[ReplayOptions]) -> list
     return results
 
 
-
 # -- output -------------------------------------------------------------------
 
 
@@ -657,14 +697,19 @@ def format_result(result: ReplayResult) -> list[str]:
             if step.shown is not None:
                 label = step.shown
             elif step.payload is not None:
-                label = step.payload.decode("utf-8", "backslashreplace").rstrip("\r\n") + "   (new credentials)"
+                label = (
+                    step.payload.decode("utf-8", "backslashreplace").rstrip("\r\n")
+                    + "   (new credentials)"
+                )
             lines.append(f"-> {label}" if step.sent else f"   (not sent) {label}")
         if step.sent or step.reply is not None:
             lines.append(f"<- {_reply_text(step.reply)}")
         if step.note:
             lines.append(f"== {step.note}")
         if step.differs:
-            lines.append(f"!! differs: {'; '.join(step.reasons)} (recorded: {_reply_text(ex.reply)})")
+            lines.append(
+                f"!! differs: {'; '.join(step.reasons)} (recorded: {_reply_text(ex.reply)})"
+            )
     compared = sum(1 for s in result.steps if s.exchange.verb != "<stop>")
     lines.append(f"{compared} exchanges, {result.differences} differ")
     return lines
@@ -693,7 +738,9 @@ def format_table(results: list[ReplayResult], recorded: list[Exchange]) -> list[
     for k, ex in enumerate(recorded):
         if ex.kind == "unsolicited":
             continue
-        recorded_cell = " " + (f"{ex.reply.code} {ex.reply.enhanced or ''}".strip() if ex.reply else "-")
+        recorded_cell = " " + (
+            f"{ex.reply.code} {ex.reply.enhanced or ''}".strip() if ex.reply else "-"
+        )
         row = [ex.label[:40], recorded_cell]
         for r, steps, stop in zip(results, by_index, stops):
             row.append(cell(steps.get(k), stop is not None or r.error is not None))
@@ -709,5 +756,7 @@ def format_table(results: list[ReplayResult], recorded: list[Exchange]) -> list[
             out.append(f"!! {r.target}: {r.error}")
         elif stop is not None:
             out.append(f"!! {r.target}: stopped: {stop.reasons[0]}")
-        out.append(f"{r.target}: {sum(1 for s in r.steps if s.exchange.verb != '<stop>')} exchanges, {r.differences} differ")
+        out.append(
+            f"{r.target}: {sum(1 for s in r.steps if s.exchange.verb != '<stop>')} exchanges, {r.differences} differ"
+        )
     return out

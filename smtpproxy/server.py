@@ -302,7 +302,9 @@ class _Sink:
             return self._reply(501, "5.5.2 PLAIN wants authzid NUL user NUL password")
         self.authed = mech
         self.auth_mech = None
-        return self._reply(235, "2.7.0 Authentication successful (smtpproxy sink accepts any credentials)")
+        return self._reply(
+            235, "2.7.0 Authentication successful (smtpproxy sink accepts any credentials)"
+        )
 
     def _message(self, ev: MessageEnd) -> bytes | None:
         """The end of a DATA body (RFC 5321 section 4.1.1.4)."""
@@ -354,7 +356,11 @@ class Sink:
         self.stats = SinkStats()
 
     async def serve(
-        self, host: str = "127.0.0.1", port: int = 0, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
         addr = listeners[0].socket.getsockname()
@@ -394,7 +400,10 @@ class Sink:
         except Exception:
             # a bug met by one session must not stop the server for the others
             log.exception("sink session failed; closing it")
-            with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            with (
+                trio.move_on_after(1),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+            ):
                 await stream.send_all(format_reply(421, "4.3.0 internal error, closing"))
         finally:
             await trio.aclose_forcefully(stream)
@@ -403,6 +412,8 @@ class Sink:
         """Shake hands as a TLS server; None (the stream closed) if that fails."""
         assert self.config.tls is not None
         try:
-            return await handshake(stream, self.config.tls, server_side=True, timeout=self.config.handshake_timeout)
+            return await handshake(
+                stream, self.config.tls, server_side=True, timeout=self.config.handshake_timeout
+            )
         except HandshakeFailed:
             return None

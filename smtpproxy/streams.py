@@ -89,7 +89,9 @@ async def dial(host: str, port: int) -> trio.SocketStream:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return await trio.open_tcp_stream(host, port)
-    sock = trio.socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
+    sock = trio.socket.socket(
+        socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM
+    )
     try:
         await sock.connect((host, port))
     except BaseException:

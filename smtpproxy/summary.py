@@ -126,7 +126,9 @@ def session_row(rec: Recording) -> tuple[str, ...]:
     if summary.auth_mechanism:
         auth = f"{summary.auth_mechanism} {summary.auth_user or '?'} {'ok' if summary.auth_success else 'failed'}"
     ended = f"{rec.close.by}: {rec.close.reason}" if rec.close else "(cut short)"
-    seconds = f"{rec.close.t:.2f}" if rec.close else (f"{rec.entries[-1].t:.2f}" if rec.entries else "0")
+    seconds = (
+        f"{rec.close.t:.2f}" if rec.close else (f"{rec.entries[-1].t:.2f}" if rec.entries else "0")
+    )
     return (
         rec.header.start,
         rec.header.session,

@@ -94,7 +94,9 @@ class _Authenticator:
         self.received = received
         self.users = users
 
-    def __call__(self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> Any:
+    def __call__(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> Any:
         from aiosmtpd.smtp import AuthResult, LoginPassword
 
         if isinstance(auth_data, LoginPassword):
@@ -186,7 +188,9 @@ def smtpproxy_env(cwd: Path) -> dict[str, str]:
     return {**os.environ, "NO_COLOR": "1", "SMTPPROXY_HOME": str(cwd / ".smtpproxy-home")}
 
 
-def run_smtpproxy_once(*args: str, cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def run_smtpproxy_once(
+    *args: str, cwd: Path, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     """Run a command that is expected to exit by itself (``--help``, a usage error)."""
     return subprocess.run(
         [*SMTPPROXY, *args],

@@ -70,8 +70,14 @@ PIPELINED = [
     (S, b"220 mx.example ESMTP\r\n"),
     (C, b"EHLO client.example\r\n"),
     (S, b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 52428800\r\n250 CHUNKING\r\n"),
-    (C, b"MAIL FROM:<a@example.org> SIZE=40\r\nRCPT TO:<b@example.net>\r\nRCPT TO:<c@example.net>\r\nDATA\r\n"),
-    (S, b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 <c@example.net>: no such user\r\n354 go on\r\n"),
+    (
+        C,
+        b"MAIL FROM:<a@example.org> SIZE=40\r\nRCPT TO:<b@example.net>\r\nRCPT TO:<c@example.net>\r\nDATA\r\n",
+    ),
+    (
+        S,
+        b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 <c@example.net>: no such user\r\n354 go on\r\n",
+    ),
     (C, b"Subject: pipe\r\n\r\n..leading dot\r\nline\r\n.\r\nQUIT\r\n"),
     (S, b"250 2.0.0 queued as 1234\r\n221 2.0.0 bye\r\n"),
 ]

@@ -301,13 +301,26 @@ def test_show_of_each_recording_prints_what_the_proxy_printed_live(tmp_path: Pat
     with smtpproxy_process(*record_args(free_port(), rec_dir), cwd=tmp_path) as proxy:
         host, port = proxy.address
         done = subprocess.run(
-            swaks_argv(host, port, message, "--pipeline", "--auth", "LOGIN", "--auth-user", "u", "--auth-password", "p"),
+            swaks_argv(
+                host,
+                port,
+                message,
+                "--pipeline",
+                "--auth",
+                "LOGIN",
+                "--auth-user",
+                "u",
+                "--auth-password",
+                "p",
+            ),
             capture_output=True,
             timeout=30,
             check=False,
         )
         assert done.returncode == 0, done.stdout
-        ca = ssl.create_default_context(cafile=str(tmp_path / ".smtpproxy-home" / "smtpproxy-ca.pem"))
+        ca = ssl.create_default_context(
+            cafile=str(tmp_path / ".smtpproxy-home" / "smtpproxy-ca.pem")
+        )
         with smtplib.SMTP(host, port, timeout=10) as client:
             client.starttls(context=ca)
             client.sendmail("ann@example.org", ["bob@example.net"], MESSAGE)
@@ -331,21 +344,31 @@ def test_show_of_each_recording_prints_what_the_proxy_printed_live(tmp_path: Pat
         # the first and last lines differ by design: "connected" / the file's header, and the summary
         assert printed[1:-1] == shown.stdout.splitlines()[1:-1], session
         assert len(printed) > 8
-    assert "TLS with client" in live.stdout and "-> cA==   [password=\"p\"]" in live.stdout
+    assert "TLS with client" in live.stdout and '-> cA==   [password="p"]' in live.stdout
 
 
 @pytest.mark.parametrize("mode", ["plain", "starttls"])
-def test_show_prints_what_was_printed_live_when_the_proxy_speaks_itself(tmp_path: Path, mode: str) -> None:
+def test_show_prints_what_was_printed_live_when_the_proxy_speaks_itself(
+    tmp_path: Path, mode: str
+) -> None:
     """``--upstream-tls plain``: the proxy answers STARTTLS itself, and the
     Conversation reads its 220 (the recording's fed note). ``starttls``: the
     proxy upgrades the upstream with its own commands (notes). Upstream: a
     second smtpproxy with its embedded sink, which offers STARTTLS."""
     import ssl
 
-    with smtpproxy_process(*record_args(free_port(), tmp_path / "upstream", "--quiet"), cwd=tmp_path) as upstream:
-        ca = ssl.create_default_context(cafile=str(tmp_path / ".smtpproxy-home" / "smtpproxy-ca.pem"))
-        args = record_args(free_port(), tmp_path / "recordings", "--upstream", f"{upstream.host}:{upstream.port}")
-        with smtpproxy_process(*args, "--upstream-tls", mode, "--upstream-insecure", cwd=tmp_path) as proxy:
+    with smtpproxy_process(
+        *record_args(free_port(), tmp_path / "upstream", "--quiet"), cwd=tmp_path
+    ) as upstream:
+        ca = ssl.create_default_context(
+            cafile=str(tmp_path / ".smtpproxy-home" / "smtpproxy-ca.pem")
+        )
+        args = record_args(
+            free_port(), tmp_path / "recordings", "--upstream", f"{upstream.host}:{upstream.port}"
+        )
+        with smtpproxy_process(
+            *args, "--upstream-tls", mode, "--upstream-insecure", cwd=tmp_path
+        ) as proxy:
             with smtplib.SMTP(*proxy.address, timeout=10) as client:
                 client.ehlo("client.example")
                 if mode == "plain":
@@ -365,5 +388,7 @@ def test_show_prints_what_was_printed_live_when_the_proxy_speaks_itself(tmp_path
     assert all(x.startswith(f"[{session}] ") for x in shown.stdout.splitlines()[1:])
     assert len([x for x in live.stdout.splitlines() if x.strip() and not x.startswith("[")]) == 0
     assert "1 accepted" in printed[-1] and "1 accepted" in shown.stdout.splitlines()[-1]
-    proxy_made = "STARTTLS answered by the proxy" if mode == "plain" else "proxy sent upstream: STARTTLS"
+    proxy_made = (
+        "STARTTLS answered by the proxy" if mode == "plain" else "proxy sent upstream: STARTTLS"
+    )
     assert f"[{session}] == {proxy_made}" in printed

@@ -437,8 +437,14 @@ async def test_recording_that_cannot_be_written_does_not_stop_the_mail(tmp_path:
     async with trio.open_nursery() as nursery:
         host, port = await nursery.start(sink.serve)
         with smtpproxy_process(
-            "record", "--listen", "127.0.0.1:0", "--upstream", f"{host}:{port}",
-            "--recordings", str(recordings), "--no-color",
+            "record",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            f"{host}:{port}",
+            "--recordings",
+            str(recordings),
+            "--no-color",
             cwd=tmp_path,
             env={"PYTHONDONTWRITEBYTECODE": "1"},
             preexec_fn=_limit_file_size,

@@ -436,10 +436,23 @@ def test_a_recording_gives_back_the_events_seen_live(
 
     script = _expand(parts)
     if data.draw(st.booleans()):  # random bytes seldom make a STARTTLS: often start with one
-        script = [(S, b"220 hi\r\n"), (C, b"EHLO x\r\nSTARTTLS\r\n"), (S, b"250 x\r\n220 go\r\n"), *script]
+        script = [
+            (S, b"220 hi\r\n"),
+            (C, b"EHLO x\r\nSTARTTLS\r\n"),
+            (S, b"250 x\r\n220 go\r\n"),
+            *script,
+        ]
     cuts = [data.draw(st.lists(st.integers(0, len(piece)), max_size=6)) for _, piece in script]
     with tempfile.TemporaryDirectory() as folder:
-        rec = Recorder.create(Path(folder), "0000000c", dt.datetime.now(dt.UTC), 0.0, client="c", listen="l", upstream="u")
+        rec = Recorder.create(
+            Path(folder),
+            "0000000c",
+            dt.datetime.now(dt.UTC),
+            0.0,
+            client="c",
+            listen="l",
+            upstream="u",
+        )
         conv = Conversation()
         seen: list[tuple[float, Event]] = []
         clock = 0.0

@@ -170,9 +170,7 @@ def tls_config(
     }
 
 
-async def run_client(
-    argv: Sequence[str], stdin: bytes = b""
-) -> subprocess.CompletedProcess[bytes]:
+async def run_client(argv: Sequence[str], stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
     with trio.fail_after(CLIENT_TIMEOUT):
         return await trio.run_process(
             list(argv), stdin=stdin, capture_stdout=True, capture_stderr=True, check=False
@@ -291,7 +289,9 @@ async def test_swaks_starttls_auth(
         "--tls-get-peer-cert", str(peer_cert),
         *auth_args(mechanism),
     )  # fmt: skip
-    done, rec, transcript = await session(tmp_path, upstream, tls_config(proxy_ca, upstream_ca), argv)
+    done, rec, transcript = await session(
+        tmp_path, upstream, tls_config(proxy_ca, upstream_ca), argv
+    )
     assert done.returncode == 0, output(done)
 
     # the client was shown a leaf of the proxy's CA, valid for the address it dialled
@@ -338,7 +338,9 @@ async def test_swaks_that_does_not_trust_the_proxy_fails_and_is_told_the_fix(
     tmp_path: Path, upstream: Upstream, upstream_ca: trustme.CA, proxy_ca: CertificateAuthority
 ) -> None:
     argv = swaks(tmp_path, "--tls", "--tls-verify", *auth_args("PLAIN"))  # system store only
-    done, rec, transcript = await session(tmp_path, upstream, tls_config(proxy_ca, upstream_ca), argv)
+    done, rec, transcript = await session(
+        tmp_path, upstream, tls_config(proxy_ca, upstream_ca), argv
+    )
     assert done.returncode != 0, output(done)
     assert rec.close is not None
     assert rec.close.by == "client"

@@ -51,7 +51,12 @@ def normalise(events: list[Event]) -> list[object]:
     """Merge the pieces whose boundaries follow the chunking (body data)."""
     out: list[object] = []
     for ev in events:
-        if isinstance(ev, MessageData) and out and isinstance(out[-1], MessageData) and not out[-1].last:
+        if (
+            isinstance(ev, MessageData)
+            and out
+            and isinstance(out[-1], MessageData)
+            and not out[-1].last
+        ):
             prev = out.pop()
             assert isinstance(prev, MessageData)
             ev = MessageData(prev.raw + ev.raw, ev.via, ev.last)
@@ -103,22 +108,38 @@ def test_seed_plain_session() -> None:
 def test_seed_auth_plain_decodes_user_and_password() -> None:
     events = run(SEED_AUTH_PLAIN)
     ehlo = next(r for r in of(events, Reply) if r.command == "EHLO")
-    assert ehlo.capabilities == {"AUTH": "LOGIN PLAIN", "STARTTLS": "", "PIPELINING": "", "8BITMIME": ""}
+    assert ehlo.capabilities == {
+        "AUTH": "LOGIN PLAIN",
+        "STARTTLS": "",
+        "PIPELINING": "",
+        "8BITMIME": "",
+    }
     auth = next(c for c in of(events, Command) if c.verb == "AUTH")
     assert auth.auth is not None
     assert dict(auth.auth.fields) == {"user": "user@domain.com", "password": "password"}
     (result,) = of(events, AuthResult)
-    assert (result.mechanism, result.user, result.success, result.code) == ("PLAIN", "user@domain.com", True, 235)
+    assert (result.mechanism, result.user, result.success, result.code) == (
+        "PLAIN",
+        "user@domain.com",
+        True,
+        235,
+    )
     assert any(isinstance(e, Anomaly) and e.kind == "auth_in_clear" for e in events)
 
 
 def test_seed_auth_login_decodes_challenges_and_answers() -> None:
     events = run(SEED_AUTH_LOGIN)
     challenges = [r for r in of(events, Reply) if r.code == 334]
-    assert [dict(r.auth.fields) for r in challenges] == [{"challenge": "Username:"}, {"challenge": "Password:"}]
+    assert [dict(r.auth.fields) for r in challenges] == [
+        {"challenge": "Username:"},
+        {"challenge": "Password:"},
+    ]
     assert all(r.intermediate for r in challenges)
     answers = of(events, AuthResponse)
-    assert [dict(a.auth.fields) for a in answers] == [{"user": "user@domain.com"}, {"password": "password"}]
+    assert [dict(a.auth.fields) for a in answers] == [
+        {"user": "user@domain.com"},
+        {"password": "password"},
+    ]
     (result,) = of(events, AuthResult)
     assert result.success and result.user == "user@domain.com"
     final = [r for r in of(events, Reply) if r.command == "AUTH"][-1]
@@ -205,8 +226,12 @@ def test_xoauth2_and_oauthbearer_decode_user_token_and_error() -> None:
     import base64
 
     x = base64.b64encode(b"user=someone@example.com\x01auth=Bearer ya29.token\x01\x01").decode()
-    err = base64.b64encode(b'{"status":"401","schemes":"Bearer","scope":"https://mail.google.com/"}').decode()
-    o = base64.b64encode(b"n,a=user@example.com,\x01host=server.example.com\x01port=587\x01auth=Bearer vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg==\x01\x01").decode()
+    err = base64.b64encode(
+        b'{"status":"401","schemes":"Bearer","scope":"https://mail.google.com/"}'
+    ).decode()
+    o = base64.b64encode(
+        b"n,a=user@example.com,\x01host=server.example.com\x01port=587\x01auth=Bearer vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg==\x01\x01"
+    ).decode()
     script = [
         (Side.SERVER, b"220 x\r\n"),
         (Side.CLIENT, f"AUTH XOAUTH2 {x}\r\n".encode()),
@@ -218,11 +243,19 @@ def test_xoauth2_and_oauthbearer_decode_user_token_and_error() -> None:
     ]
     events = run(script)
     cmds = of(events, Command)
-    assert dict(cmds[0].auth.fields) == {"user": "someone@example.com", "scheme": "Bearer", "token": "ya29.token"}
+    assert dict(cmds[0].auth.fields) == {
+        "user": "someone@example.com",
+        "scheme": "Bearer",
+        "token": "ya29.token",
+    }
     challenge = of(events, Reply)[1].auth
     assert challenge is not None and '"status":"401"' in challenge.fields["error"]
     ob = dict(cmds[1].auth.fields)
-    assert ob["user"] == "user@example.com" and ob["token"].startswith("vF9dft4q") and ob["port"] == "587"
+    assert (
+        ob["user"] == "user@example.com"
+        and ob["token"].startswith("vF9dft4q")
+        and ob["port"] == "587"
+    )
     results = of(events, AuthResult)
     assert [(r.mechanism, r.user, r.success) for r in results] == [
         ("XOAUTH2", "someone@example.com", False),
@@ -319,7 +352,11 @@ def test_bdat_message_state_does_not_leak_into_the_next_transaction() -> None:
 
 def test_over_long_lines_give_the_same_events_however_split() -> None:
     line = b"NOOP " + b"A" * 65536 + b"\r\n"
-    script = [(Side.SERVER, b"220 x\r\n"), (Side.CLIENT, line + b"QUIT\r\n"), (Side.SERVER, b"500 too long\r\n221 bye\r\n")]
+    script = [
+        (Side.SERVER, b"220 x\r\n"),
+        (Side.CLIENT, line + b"QUIT\r\n"),
+        (Side.SERVER, b"500 too long\r\n221 bye\r\n"),
+    ]
     whole = normalise(run(script))
     split = normalise(run(script, [[], [65537, 65540], []]))
     assert whole == split

@@ -58,7 +58,9 @@ async def test_plain_auth_message_delivered_byte_exact_and_recorded(
     events = list(rec.events())
     auth = next(e for e in events if isinstance(e, Command) and e.verb == "AUTH")
     assert auth.auth is not None
-    assert auth.auth.fields["user"] == "user@domain.com" and auth.auth.fields["password"] == "password"
+    assert (
+        auth.auth.fields["user"] == "user@domain.com" and auth.auth.fields["password"] == "password"
+    )
     (end,) = [e for e in events if isinstance(e, MessageEnd)]
     assert end.headers["Subject"] == "café test"
     assert end.size == len(MESSAGE)
@@ -86,14 +88,19 @@ async def test_login_auth_challenges_decoded(aiosmtpd_server: AioServer, tmp_pat
     events = list(rec.events())
     challenges = [e for e in events if isinstance(e, Reply) and e.code == 334]
     # aiosmtpd's LOGIN prompts are "User Name" and "Password", not "Username:"
-    assert [c.auth.fields["challenge"].rstrip("\x00") for c in challenges] == ["User Name", "Password"]
+    assert [c.auth.fields["challenge"].rstrip("\x00") for c in challenges] == [
+        "User Name",
+        "Password",
+    ]
     answers = [e.auth.fields for e in events if isinstance(e, AuthResponse)]
     assert answers == [{"user": "user@domain.com"}, {"password": "password"}]
     (result,) = [e for e in events if isinstance(e, AuthResult)]
     assert result.success and result.user == "user@domain.com"
 
 
-async def test_five_megabyte_message_and_exact_streams(aiosmtpd_server: AioServer, tmp_path: Path) -> None:
+async def test_five_megabyte_message_and_exact_streams(
+    aiosmtpd_server: AioServer, tmp_path: Path
+) -> None:
     line = b"0123456789abcdefghijklmnopqrstuvwxyz" * 2 + b"\r\n"
     big = b"Subject: big\r\n\r\n" + line * (5 * 1024 * 1024 // len(line))
     async with trio.open_nursery() as nursery:
@@ -108,7 +115,9 @@ async def test_five_megabyte_message_and_exact_streams(aiosmtpd_server: AioServe
     assert rec.raw(Side.CLIENT).count(line) == big.count(line)
 
 
-async def test_pipelined_transaction_through_proxy(aiosmtpd_server: AioServer, tmp_path: Path) -> None:
+async def test_pipelined_transaction_through_proxy(
+    aiosmtpd_server: AioServer, tmp_path: Path
+) -> None:
     """Send MAIL, RCPT, RCPT and DATA in one write, as a PIPELINING client does."""
     async with trio.open_nursery() as nursery:
         proxy = await start_proxy(nursery, tmp_path, aiosmtpd_server.address)
@@ -141,4 +150,11 @@ async def test_pipelined_transaction_through_proxy(aiosmtpd_server: AioServer, t
     assert msg["content"] == b"Subject: p\r\n\r\nhi\r\n"
     rec = read_recording(proxy.recording_paths()[0])
     replies = [(e.command, e.code) for e in rec.events() if isinstance(e, Reply)]
-    assert replies[2:] == [("MAIL", 250), ("RCPT", 250), ("RCPT", 250), ("DATA", 354), ("DATA", 250), ("QUIT", 221)]
+    assert replies[2:] == [
+        ("MAIL", 250),
+        ("RCPT", 250),
+        ("RCPT", 250),
+        ("DATA", 354),
+        ("DATA", 250),
+        ("QUIT", 221),
+    ]

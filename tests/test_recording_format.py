@@ -71,7 +71,14 @@ def recorded(tmp_path, events, name="0000000a"):  # type: ignore[no-untyped-def]
     from smtpproxy.recording import Recorder, read_recording
 
     rec = Recorder.create(
-        tmp_path, name, dt.datetime.now(dt.UTC), 0.0, derive=False, client="c", listen="l", upstream="u"
+        tmp_path,
+        name,
+        dt.datetime.now(dt.UTC),
+        0.0,
+        derive=False,
+        client="c",
+        listen="l",
+        upstream="u",
     )
     for ev in events:
         rec.write(1.0, [ev])
@@ -107,7 +114,10 @@ def test_message_headers_are_written_when_the_data_would_not_give_them(tmp_path)
     from smtpproxy.events import MessageData, MessageEnd
 
     # a Conversation never makes these; a writer fed them must not lose the headers
-    odd = [MessageData(b"Subject: one\r\n\r\nx\r\n.\r\n", "DATA", True), MessageEnd(20, {"Subject": "two"})]
+    odd = [
+        MessageData(b"Subject: one\r\n\r\nx\r\n.\r\n", "DATA", True),
+        MessageEnd(20, {"Subject": "two"}),
+    ]
     lines, back = recorded(tmp_path, odd)
     (end,) = [x for x in lines if x.get("type") == "message_end"]
     assert end["headers"] == {"Subject": "two"}
@@ -131,7 +141,14 @@ def _live(tmp_path, steps, derive=True, redacting=False):  # type: ignore[no-unt
 
     conv = Conversation()
     rec = Recorder.create(
-        tmp_path, "0000000b", dt.datetime.now(dt.UTC), 100.0, derive=derive, client="c", listen="l", upstream="u"
+        tmp_path,
+        "0000000b",
+        dt.datetime.now(dt.UTC),
+        100.0,
+        derive=derive,
+        client="c",
+        listen="l",
+        upstream="u",
     )
     seen = []
     clock = 100.0
@@ -204,7 +221,9 @@ def test_starttls_implicit_tls_and_the_proxys_own_reply_are_derived_again(tmp_pa
     assert [(e.t, e.event) for e in back.entries] == seen
     kinds = [type(e.event).__name__ for e in back.entries]
     assert "TlsStart" in kinds and "Anomaly" in kinds and "AuthResult" in kinds
-    assert back.raw(S).startswith(b"220 mx\r\n250-mx") and b"answered by smtpproxy" not in back.raw(S)
+    assert back.raw(S).startswith(b"220 mx\r\n250-mx") and b"answered by smtpproxy" not in back.raw(
+        S
+    )
     lines = [json.loads(x) for x in back.path.read_text().splitlines()[1:]]
     (fed,) = [x for x in lines if isinstance(x, dict) and x.get("fed")]
     assert fed["kind"] == "proxy_reply"
@@ -257,7 +276,11 @@ def test_a_version_1_recording_reads_as_before(tmp_path) -> None:  # type: ignor
     rec = read_recording(v1)
     assert rec.header.version == 1 and rec.close is not None
     assert rec.close.totals["bytes_from_client"] == len(rec.raw(Side.CLIENT)) == 155
-    assert rec.close.totals["auth"] == {"mechanism": "PLAIN", "user": "user@domain.com", "success": True}
+    assert rec.close.totals["auth"] == {
+        "mechanism": "PLAIN",
+        "user": "user@domain.com",
+        "success": True,
+    }
     conv = Conversation()
     again = []
     for e in rec.entries:
@@ -270,6 +293,9 @@ def test_a_version_1_recording_reads_as_before(tmp_path) -> None:  # type: ignor
     try:
         read_recording(bad)
     except RecordingError as exc:
-        assert str(exc) == f"{bad}:3: not a valid input line (input lines are format version 2, this file says 1)"
+        assert (
+            str(exc)
+            == f"{bad}:3: not a valid input line (input lines are format version 2, this file says 1)"
+        )
     else:
         raise AssertionError("an input line in a version 1 file was read")

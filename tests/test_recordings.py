@@ -298,8 +298,12 @@ async def test_replay_against_the_recorded_server_matches_and_diffs_equal(
     (replayed,) = saved.glob("*.jsonl")
     assert f"replay of {hostport(a.address)} saved to {replayed}" in done.stderr
     close = read_recording(replayed).close
-    assert close is not None and close.totals["differences"] == 0  # written: the events cannot give it
-    assert close.totals["messages_accepted"] == 1 and close.totals["auth"]["user"] == USER  # derived
+    assert (
+        close is not None and close.totals["differences"] == 0
+    )  # written: the events cannot give it
+    assert (
+        close.totals["messages_accepted"] == 1 and close.totals["auth"]["user"] == USER
+    )  # derived
 
     # the server got the same message twice, as the same user
     first, second = a.received.messages
@@ -407,9 +411,7 @@ async def test_replay_of_a_pipelined_session_without_pipelining_sends_one_by_one
     require_program("swaks", "swaks")
     sink = await start_sink(nursery)
     a = aio()
-    rec = await record_one(
-        nursery, tmp_path / "a", sink, swaks_client(tmp_path, "--pipeline")
-    )
+    rec = await record_one(nursery, tmp_path / "a", sink, swaks_client(tmp_path, "--pipeline"))
     saved = tmp_path / "saved"
     saved.mkdir()
     with trio.fail_after(TIMEOUT):
@@ -697,9 +699,7 @@ async def test_replay_sends_a_pipelined_group_in_one_write(
 ) -> None:
     require_program("swaks", "swaks")
     sink = await start_sink(nursery)
-    rec = await record_one(
-        nursery, tmp_path / "a", sink, swaks_client(tmp_path, "--pipeline")
-    )
+    rec = await record_one(nursery, tmp_path / "a", sink, swaks_client(tmp_path, "--pipeline"))
     saved = tmp_path / "saved"
 
     done = await cli(tmp_path, "replay", str(rec), "--to", hostport(sink), "--save", str(saved))
@@ -1046,10 +1046,22 @@ DAMAGES: dict[str, tuple[Callable[[list[str]], list[str]], int | None, str]] = {
     "not an object": (_insert('"EHLO x"'), 4, "not valid JSON (not a JSON object or input line)"),
     "no header": (lambda lines: lines[1:], 1, "not an smtpproxy recording"),
     "newer version": (_newer, 1, "recording format version 3 is not supported"),
-    "unknown input": (_insert('[0.1, "x", "EHLO x\\r\\n"]'), 4, "not a valid input line (unknown input line 'x')"),
-    "input without bytes": (_insert('[0.1, "c"]'), 4, "not a valid input line (a 'c' input line carries"),
+    "unknown input": (
+        _insert('[0.1, "x", "EHLO x\\r\\n"]'),
+        4,
+        "not a valid input line (unknown input line 'x')",
+    ),
+    "input without bytes": (
+        _insert('[0.1, "c"]'),
+        4,
+        "not a valid input line (a 'c' input line carries",
+    ),
     "input with bad base64": (_insert('[0.1, "c64", "!!"]'), 4, "not a valid input line"),
-    "input with a bad time": (_insert('["soon", "c", "x"]'), 4, "not a valid input line (t must be a number)"),
+    "input with a bad time": (
+        _insert('["soon", "c", "x"]'),
+        4,
+        "not a valid input line (t must be a number)",
+    ),
     "unknown event": (
         _insert('{"t": 0.1, "type": "bogus", "side": "client"}'),
         4,
@@ -1063,13 +1075,21 @@ DAMAGES: dict[str, tuple[Callable[[list[str]], list[str]], int | None, str]] = {
         "not a valid event",
     ),
     "empty file": (lambda lines: [], 1, "empty file"),
-    "nested too deep": (_insert("[" * 100_000 + "]" * 100_000), 4, "not valid JSON (nested too deeply)"),
+    "nested too deep": (
+        _insert("[" * 100_000 + "]" * 100_000),
+        4,
+        "not valid JSON (nested too deeply)",
+    ),
     "lone surrogate in a note": (
         _insert('{"t": 0.1, "type": "note", "side": "server", "kind": "x", "text": "a\\ud800"}'),
         4,
         "not valid JSON (a string holds a lone surrogate",
     ),
-    "lone surrogate in the session": (_header(session="\ud800"), 1, "not valid JSON (a string holds a lone"),
+    "lone surrogate in the session": (
+        _header(session="\ud800"),
+        1,
+        "not valid JSON (a string holds a lone",
+    ),
     "session that is a path": (_header(session="../../victim/x.sh"), 1, "damaged header: session"),
     "session that is absolute": (_header(session="/tmp/x"), 1, "damaged header: session"),
     "close with a bad time": (

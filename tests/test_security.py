@@ -180,11 +180,17 @@ async def test_redact_keeps_every_secret_out_of_recordings_and_transcript(tmp_pa
         data = rec.path.read_bytes()
         shown = run_cli(tmp_path, "show", "--json", str(rec.path)).stdout.encode()
         for secret in a.secrets:
-            for where, text in (("recording", data), ("transcript", transcript), ("show --json", shown)):
+            for where, text in (
+                ("recording", data),
+                ("transcript", transcript),
+                ("show --json", shown),
+            ):
                 # in any letter case: a field that upper-cases a line gives the secret back up to case
                 low = text.lower()
                 assert secret.lower() not in low, f"{how}: {secret!r} in the {where}"
-                assert _b64(secret).lower() not in low, f"{how}: base64 of {secret!r} in the {where}"
+                assert _b64(secret).lower() not in low, (
+                    f"{how}: base64 of {secret!r} in the {where}"
+                )
         assert USER.encode() in data, how
         assert rec.raw(C) == b"".join(line for line, secret in a.lines if not secret), how
         redacted = [
@@ -255,7 +261,12 @@ async def test_recordings_are_private_even_with_umask_zero(tmp_path: Path) -> No
     """The proxy creates the folder (and its parents) itself: 0700, files 0600."""
     folder = tmp_path / "new" / "deeper" / "recordings"
     with smtpproxy_process(
-        "record", "--listen", "127.0.0.1:0", "--recordings", str(folder), "--quiet",
+        "record",
+        "--listen",
+        "127.0.0.1:0",
+        "--recordings",
+        str(folder),
+        "--quiet",
         cwd=tmp_path,
         preexec_fn=_umask_zero,
     ) as child:

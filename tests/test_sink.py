@@ -185,7 +185,9 @@ async def test_ehlo_advertises_the_extensions(running: Running) -> None:
     ("mechanism", "initial_response_ok"),
     [("PLAIN", True), ("PLAIN", False), ("LOGIN", True), ("LOGIN", False), ("CRAM-MD5", True)],
 )
-async def test_auth_mechanisms_accepted(running: Running, mechanism: str, initial_response_ok: bool) -> None:
+async def test_auth_mechanisms_accepted(
+    running: Running, mechanism: str, initial_response_ok: bool
+) -> None:
     def session() -> tuple[int, bytes]:
         with smtp_client(running) as client:
             client.ehlo()
@@ -217,7 +219,9 @@ async def test_login_picks_a_mechanism(running: Running) -> None:
 async def test_message_queued_and_counted(running: Running) -> None:
     def session() -> tuple[dict[str, Any], tuple[int, bytes]]:
         with smtp_client(running) as client:
-            refused = client.sendmail("ann@example.org", ["bob@example.net", "cy@example.net"], MESSAGE)
+            refused = client.sendmail(
+                "ann@example.org", ["bob@example.net", "cy@example.net"], MESSAGE
+            )
             assert client.mail("ann@example.org")[0] == 250
             assert client.rcpt("bob@example.net")[0] == 250
             return refused, client.data(MESSAGE)
@@ -329,7 +333,11 @@ SCRIPTS: dict[str, list[Step]] = {
         (b"DATA", 354, None),
     ],
     "starttls not offered": [(b"EHLO c.test", 250, None), (b"STARTTLS", 502, "5.5.1")],
-    "helo": [(b"HELO c.test", 250, None), (b"MAIL FROM:<>", 250, "2.1.0"), (b"VRFY bob", 252, "2.5.2")],
+    "helo": [
+        (b"HELO c.test", 250, None),
+        (b"MAIL FROM:<>", 250, "2.1.0"),
+        (b"VRFY bob", 252, "2.5.2"),
+    ],
     "bad utf-8": [(b"EHLO c.test", 250, None), (b"MAIL FROM:<\xff@b>", 500, "5.5.2")],
 }
 
@@ -390,7 +398,9 @@ async def test_body_of_exactly_max_size_accepted(running: Running) -> None:
 
 
 @pytest.mark.parametrize("length", [70_000, 200_000], ids=["seen-whole-or-split", "always-split"])
-async def test_overlong_command_line_refused_and_session_goes_on(running: Running, length: int) -> None:
+async def test_overlong_command_line_refused_and_session_goes_on(
+    running: Running, length: int
+) -> None:
     client = await Raw.connect(running)
     answer = await client.command(b"NOOP " + b"A" * length)
     assert (answer.code, answer.enhanced) == (500, "5.5.2")
@@ -600,7 +610,9 @@ async def test_bdat_non_ascii_digit_is_a_syntax_error(running: Running) -> None:
 async def test_pipelined_transaction(running: Running) -> None:
     client = await Raw.connect(running)
     await client.ehlo()
-    await client.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nRCPT TO:<c@example.net>\r\nDATA\r\n")
+    await client.send(
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nRCPT TO:<c@example.net>\r\nDATA\r\n"
+    )
     answers = [await client.reply() for _ in range(4)]
     assert [(a.code, a.enhanced) for a in answers] == [
         (250, "2.1.0"),
@@ -647,7 +659,9 @@ async def test_whole_session_in_one_write(running: Running) -> None:
         (b"no dot.\r\n.x\r\n", b"no dot.\r\nx\r\n"),
     ],
 )
-async def test_dot_stuffing_undone_in_the_count(running: Running, wire: bytes, content: bytes) -> None:
+async def test_dot_stuffing_undone_in_the_count(
+    running: Running, wire: bytes, content: bytes
+) -> None:
     client = await Raw.connect(running)
     await client.ehlo()
     await client.envelope()
@@ -755,12 +769,18 @@ async def test_failed_handshake_closes_only_that_session(
     await other.expect_alive()
 
 
-async def test_implicit_tls(start_sink: StartSink, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext) -> None:
+async def test_implicit_tls(
+    start_sink: StartSink, server_tls: ssl.SSLContext, client_tls: ssl.SSLContext
+) -> None:
     running = await start_sink(tls=server_tls, implicit_tls=True)
 
     def session() -> dict[str, str]:
         with smtplib.SMTP_SSL(
-            running.host, running.port, local_hostname="client.test", timeout=TIMEOUT, context=client_tls
+            running.host,
+            running.port,
+            local_hostname="client.test",
+            timeout=TIMEOUT,
+            context=client_tls,
         ) as client:
             client.ehlo()
             client.sendmail("ann@example.org", ["bob@example.net"], MESSAGE)

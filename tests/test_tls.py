@@ -48,7 +48,9 @@ def _aiosmtpd(upstream_ca: trustme.CA, implicit: bool) -> Iterator[AioServer]:
     port = free_port()
     kwargs: dict[str, Any] = (
         # aiosmtpd only counts STARTTLS as TLS for AUTH; implicit TLS is TLS too
-        {"ssl_context": ctx, "auth_require_tls": False} if implicit else {"tls_context": ctx, "require_starttls": True}
+        {"ssl_context": ctx, "auth_require_tls": False}
+        if implicit
+        else {"tls_context": ctx, "require_starttls": True}
     )
     controller = Controller(
         _Handler(received),
@@ -75,7 +77,9 @@ def implicit_server(upstream_ca: trustme.CA) -> Iterator[AioServer]:
     yield from _aiosmtpd(upstream_ca, implicit=True)
 
 
-def tls_config(proxy_ca: CertificateAuthority, upstream_ca: trustme.CA | None, **extra: Any) -> dict[str, Any]:
+def tls_config(
+    proxy_ca: CertificateAuthority, upstream_ca: trustme.CA | None, **extra: Any
+) -> dict[str, Any]:
     up = client_context()
     if upstream_ca is not None:
         upstream_ca.configure_trust(up)
@@ -92,7 +96,10 @@ def client_ctx(proxy_ca: CertificateAuthority) -> ssl.SSLContext:
 
 
 async def test_starttls_intercepted_on_both_legs(
-    starttls_server: AioServer, upstream_ca: trustme.CA, proxy_ca: CertificateAuthority, tmp_path: Path
+    starttls_server: AioServer,
+    upstream_ca: trustme.CA,
+    proxy_ca: CertificateAuthority,
+    tmp_path: Path,
 ) -> None:
     def client(port: int) -> None:
         with smtplib.SMTP("localhost", port, timeout=10) as c:
@@ -103,7 +110,9 @@ async def test_starttls_intercepted_on_both_legs(
             c.sendmail("a@example.org", ["b@example.net"], MESSAGE)
 
     async with trio.open_nursery() as nursery:
-        proxy = await start_proxy(nursery, tmp_path, starttls_server.address, **tls_config(proxy_ca, upstream_ca))
+        proxy = await start_proxy(
+            nursery, tmp_path, starttls_server.address, **tls_config(proxy_ca, upstream_ca)
+        )
         await trio.to_thread.run_sync(client, proxy.port)
         await wait_for_sessions(proxy.proxy, 1)
         nursery.cancel_scope.cancel()
@@ -130,7 +139,10 @@ async def test_starttls_intercepted_on_both_legs(
 
 
 async def test_implicit_tls_both_sides(
-    implicit_server: AioServer, upstream_ca: trustme.CA, proxy_ca: CertificateAuthority, tmp_path: Path
+    implicit_server: AioServer,
+    upstream_ca: trustme.CA,
+    proxy_ca: CertificateAuthority,
+    tmp_path: Path,
 ) -> None:
     def client(port: int) -> None:
         with smtplib.SMTP_SSL("localhost", port, timeout=10, context=client_ctx(proxy_ca)) as c:
@@ -140,7 +152,10 @@ async def test_implicit_tls_both_sides(
 
     async with trio.open_nursery() as nursery:
         proxy = await start_proxy(
-            nursery, tmp_path, implicit_server.address, **tls_config(proxy_ca, upstream_ca, listen_tls=True)
+            nursery,
+            tmp_path,
+            implicit_server.address,
+            **tls_config(proxy_ca, upstream_ca, listen_tls=True),
         )
         await trio.to_thread.run_sync(client, proxy.port)
         await wait_for_sessions(proxy.proxy, 1)
@@ -151,7 +166,10 @@ async def test_implicit_tls_both_sides(
 
 
 async def test_plain_client_to_implicit_upstream(
-    implicit_server: AioServer, upstream_ca: trustme.CA, proxy_ca: CertificateAuthority, tmp_path: Path
+    implicit_server: AioServer,
+    upstream_ca: trustme.CA,
+    proxy_ca: CertificateAuthority,
+    tmp_path: Path,
 ) -> None:
     def client(port: int) -> None:
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
@@ -160,7 +178,10 @@ async def test_plain_client_to_implicit_upstream(
 
     async with trio.open_nursery() as nursery:
         proxy = await start_proxy(
-            nursery, tmp_path, implicit_server.address, **tls_config(proxy_ca, upstream_ca, upstream_tls="implicit")
+            nursery,
+            tmp_path,
+            implicit_server.address,
+            **tls_config(proxy_ca, upstream_ca, upstream_tls="implicit"),
         )
         await trio.to_thread.run_sync(client, proxy.port)
         await wait_for_sessions(proxy.proxy, 1)
@@ -182,7 +203,9 @@ async def test_untrusted_upstream_certificate_gives_421_and_reason(
 
     async with trio.open_nursery() as nursery:
         # the proxy does not trust the upstream's test CA
-        proxy = await start_proxy(nursery, tmp_path, starttls_server.address, **tls_config(proxy_ca, None))
+        proxy = await start_proxy(
+            nursery, tmp_path, starttls_server.address, **tls_config(proxy_ca, None)
+        )
         code, text = await trio.to_thread.run_sync(client, proxy.port)
         await wait_for_sessions(proxy.proxy, 1)
         nursery.cancel_scope.cancel()
@@ -217,7 +240,10 @@ async def test_upstream_insecure_skips_verification_and_says_so(
 
 
 async def test_client_that_does_not_trust_the_proxy_is_named_with_the_fix(
-    starttls_server: AioServer, upstream_ca: trustme.CA, proxy_ca: CertificateAuthority, tmp_path: Path
+    starttls_server: AioServer,
+    upstream_ca: trustme.CA,
+    proxy_ca: CertificateAuthority,
+    tmp_path: Path,
 ) -> None:
     def client(port: int) -> str:
         with smtplib.SMTP("localhost", port, timeout=10) as c:
@@ -229,7 +255,9 @@ async def test_client_that_does_not_trust_the_proxy_is_named_with_the_fix(
             raise AssertionError("the handshake should fail")
 
     async with trio.open_nursery() as nursery:
-        proxy = await start_proxy(nursery, tmp_path, starttls_server.address, **tls_config(proxy_ca, upstream_ca))
+        proxy = await start_proxy(
+            nursery, tmp_path, starttls_server.address, **tls_config(proxy_ca, upstream_ca)
+        )
         error = await trio.to_thread.run_sync(client, proxy.port)
         await wait_for_sessions(proxy.proxy, 1)
         nursery.cancel_scope.cancel()
@@ -256,7 +284,10 @@ async def test_plain_upstream_proxy_answers_starttls(
 
     async with trio.open_nursery() as nursery:
         proxy = await start_proxy(
-            nursery, tmp_path, aiosmtpd_server.address, **tls_config(proxy_ca, None, upstream_tls="plain")
+            nursery,
+            tmp_path,
+            aiosmtpd_server.address,
+            **tls_config(proxy_ca, None, upstream_tls="plain"),
         )
         await trio.to_thread.run_sync(client, proxy.port)
         await wait_for_sessions(proxy.proxy, 1)
@@ -268,7 +299,10 @@ async def test_plain_upstream_proxy_answers_starttls(
 
 
 async def test_strip_starttls_hides_it_and_flags_clear_text_auth(
-    starttls_server: AioServer, upstream_ca: trustme.CA, proxy_ca: CertificateAuthority, tmp_path: Path
+    starttls_server: AioServer,
+    upstream_ca: trustme.CA,
+    proxy_ca: CertificateAuthority,
+    tmp_path: Path,
 ) -> None:
     def client(port: int) -> dict[str, str]:
         with smtplib.SMTP("localhost", port, timeout=10) as c:
@@ -282,7 +316,10 @@ async def test_strip_starttls_hides_it_and_flags_clear_text_auth(
 
     async with trio.open_nursery() as nursery:
         proxy = await start_proxy(
-            nursery, tmp_path, starttls_server.address, **tls_config(proxy_ca, upstream_ca, strip_starttls=True)
+            nursery,
+            tmp_path,
+            starttls_server.address,
+            **tls_config(proxy_ca, upstream_ca, strip_starttls=True),
         )
         features = await trio.to_thread.run_sync(client, proxy.port)
         await wait_for_sessions(proxy.proxy, 1)
@@ -290,12 +327,17 @@ async def test_strip_starttls_hides_it_and_flags_clear_text_auth(
     assert "starttls" not in features
     events = list(read_recording(proxy.recording_paths()[0]).events())
     ehlo = next(e for e in events if isinstance(e, Reply) and e.command == "EHLO")
-    assert ehlo.capabilities is not None and "STARTTLS" in ehlo.capabilities  # what the server really said
+    assert (
+        ehlo.capabilities is not None and "STARTTLS" in ehlo.capabilities
+    )  # what the server really said
     assert any(isinstance(e, Note) and e.kind == "strip_starttls" for e in events)
 
 
 async def test_plain_client_upstream_upgraded_with_starttls(
-    starttls_server: AioServer, upstream_ca: trustme.CA, proxy_ca: CertificateAuthority, tmp_path: Path
+    starttls_server: AioServer,
+    upstream_ca: trustme.CA,
+    proxy_ca: CertificateAuthority,
+    tmp_path: Path,
 ) -> None:
     """--upstream-tls starttls: a clear-text client reaches a server that
     requires STARTTLS (and AUTH only under TLS); the client sees the
@@ -311,7 +353,10 @@ async def test_plain_client_upstream_upgraded_with_starttls(
 
     async with trio.open_nursery() as nursery:
         proxy = await start_proxy(
-            nursery, tmp_path, starttls_server.address, **tls_config(proxy_ca, upstream_ca, upstream_tls="starttls")
+            nursery,
+            tmp_path,
+            starttls_server.address,
+            **tls_config(proxy_ca, upstream_ca, upstream_tls="starttls"),
         )
         features = await trio.to_thread.run_sync(client, proxy.port)
         await wait_for_sessions(proxy.proxy, 1)
@@ -326,7 +371,10 @@ async def test_plain_client_upstream_upgraded_with_starttls(
 
 
 async def test_keylog_has_secrets_of_both_legs(
-    starttls_server: AioServer, upstream_ca: trustme.CA, proxy_ca: CertificateAuthority, tmp_path: Path
+    starttls_server: AioServer,
+    upstream_ca: trustme.CA,
+    proxy_ca: CertificateAuthority,
+    tmp_path: Path,
 ) -> None:
     keylog = tmp_path / "keys.log"
 
@@ -363,7 +411,11 @@ def test_ca_command_prints_and_regenerates(tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = {**os.environ, "SMTPPROXY_HOME": str(home)}
     first = subprocess.run(
-        [sys.executable, "-m", "smtpproxy", "ca"], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "smtpproxy", "ca"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert first.returncode == 0, first.stderr
     assert f"path:        {home / 'smtpproxy-ca.pem'}" in first.stdout
@@ -371,11 +423,19 @@ def test_ca_command_prints_and_regenerates(tmp_path: Path) -> None:
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
     assert stat.S_IMODE((home / "smtpproxy-ca-key.pem").stat().st_mode) == 0o600
     again = subprocess.run(
-        [sys.executable, "-m", "smtpproxy", "ca"], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "smtpproxy", "ca"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert again.stdout == first.stdout  # made once, then reused
     new = subprocess.run(
-        [sys.executable, "-m", "smtpproxy", "ca", "--regenerate"], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "smtpproxy", "ca", "--regenerate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     fp = [ln for ln in first.stdout.splitlines() if ln.startswith("sha256:")]
     assert new.returncode == 0 and fp[0] not in new.stdout

@@ -42,7 +42,15 @@ from ..events import (
 from .steps import GREETING, NEW_TRANSACTION, parse_args
 from .text import MessageHead, decode_line, enhanced_code, parse_capabilities, split_command
 
-__all__ = ["GREETING", "MAX_HOLD", "MAX_LINE", "MAX_PENDING", "ClientState", "Conversation", "MessageHeads"]
+__all__ = [
+    "GREETING",
+    "MAX_HOLD",
+    "MAX_LINE",
+    "MAX_PENDING",
+    "ClientState",
+    "Conversation",
+    "MessageHeads",
+]
 
 #: Longest line the observer holds before it gives up on it (RFC 5321 allows
 #: 512 octets for a command and 1000 for a text line; servers may send more).
@@ -156,7 +164,9 @@ class MessageHeads:
                 self.head = MessageHead()
         elif kind is Reply:
             r: Reply = ev  # type: ignore[assignment]
-            if (r.command == "DATA" and r.intermediate) or (r.command == "BDAT" and not 200 <= r.code < 300):
+            if (r.command == "DATA" and r.intermediate) or (
+                r.command == "BDAT" and not 200 <= r.code < 300
+            ):
                 self.head = MessageHead()  # a new message starts, or a refused chunk ends one
 
     def derived(self) -> dict[str, str]:
@@ -264,15 +274,23 @@ class Conversation:
             self._out.append(self._message.end(complete=False))
             self._message = None
         if self._cbuf:
-            self._out.append(Opaque(Side.CLIENT, bytes(self._cbuf), OpaqueReason.INCOMPLETE_AT_CLOSE))
+            self._out.append(
+                Opaque(Side.CLIENT, bytes(self._cbuf), OpaqueReason.INCOMPLETE_AT_CLOSE)
+            )
             self._cbuf.clear()
         if self._reply_raw:
-            self._out.append(Opaque(Side.SERVER, b"".join(self._reply_raw), OpaqueReason.INCOMPLETE_REPLY_AT_CLOSE))
+            self._out.append(
+                Opaque(
+                    Side.SERVER, b"".join(self._reply_raw), OpaqueReason.INCOMPLETE_REPLY_AT_CLOSE
+                )
+            )
             self._reply_raw = []
             self._reply_lines = []
             self._reply_held = 0
         if self._sbuf:
-            self._out.append(Opaque(Side.SERVER, bytes(self._sbuf), OpaqueReason.INCOMPLETE_AT_CLOSE))
+            self._out.append(
+                Opaque(Side.SERVER, bytes(self._sbuf), OpaqueReason.INCOMPLETE_AT_CLOSE)
+            )
             self._sbuf.clear()
         out, self._out = self._out, []
         return out
@@ -315,7 +333,9 @@ class Conversation:
         deadline of its own, as Postfix's ``smtpd_per_record_deadline`` does.
         A line given up on as too long stays open until its end comes."""
         state = self.client_state
-        if (state is ClientState.COMMAND or state is ClientState.AUTH) and (self._cbuf or self._client_lines.discard):
+        if (state is ClientState.COMMAND or state is ClientState.AUTH) and (
+            self._cbuf or self._client_lines.discard
+        ):
             return self._client_line_count + 1
         return 0
 
@@ -398,7 +418,9 @@ class Conversation:
             else:  # WAITING
                 if len(buf) - pos > MAX_HOLD:
                     self._anomaly(
-                        Side.CLIENT, AnomalyKind.DID_NOT_WAIT, "client sent more than 1 MiB before a reply it must wait for"
+                        Side.CLIENT,
+                        AnomalyKind.DID_NOT_WAIT,
+                        "client sent more than 1 MiB before a reply it must wait for",
                     )
                     self._release(self._assume_positive())
                     continue
@@ -418,7 +440,9 @@ class Conversation:
     def _on_command(self, raw: bytes) -> None:
         text, flags = decode_line(raw)
         if AnomalyKind.BARE_LF in flags:
-            self._anomaly(Side.CLIENT, AnomalyKind.BARE_LF, "a command line ended with LF alone, not CRLF")
+            self._anomaly(
+                Side.CLIENT, AnomalyKind.BARE_LF, "a command line ended with LF alone, not CRLF"
+            )
         verb, arg, path = split_command(text)
         auth: AuthDecode | None = None
         pending = _Pending(verb) if verb in _STATEFUL else self._plain_pending(verb)
@@ -430,7 +454,11 @@ class Conversation:
             if args.initial:
                 auth = self._sasl.initial(args.initial)
             if not self.encrypted:
-                self._anomaly(Side.CLIENT, AnomalyKind.AUTH_IN_CLEAR, "AUTH sent on a connection that is not encrypted")
+                self._anomaly(
+                    Side.CLIENT,
+                    AnomalyKind.AUTH_IN_CLEAR,
+                    "AUTH sent on a connection that is not encrypted",
+                )
             self._wait(pending)
         elif verb in ("DATA", "STARTTLS"):
             self._wait(pending)
@@ -476,7 +504,9 @@ class Conversation:
         if len(self._pending) > MAX_PENDING:
             self._pending.popleft()
             self._anomaly(
-                Side.CLIENT, AnomalyKind.TOO_MANY_UNANSWERED, f"more than {MAX_PENDING} commands without a reply"
+                Side.CLIENT,
+                AnomalyKind.TOO_MANY_UNANSWERED,
+                f"more than {MAX_PENDING} commands without a reply",
             )
 
     def _wait(self, pending: _Pending) -> None:
@@ -565,20 +595,32 @@ class Conversation:
 
     def _on_reply_line(self, raw: bytes) -> None:
         text, flags = decode_line(raw)
-        if len(text) < 3 or not (text[:3].isascii() and text[:3].isdigit()) or (len(text) > 3 and text[3] not in " -"):
+        if (
+            len(text) < 3
+            or not (text[:3].isascii() and text[:3].isdigit())
+            or (len(text) > 3 and text[3] not in " -")
+        ):
             if self._reply_raw:
                 # a broken line ends a multi-line reply, as clients read it, and
                 # keeps the events in wire order
                 self._finish_reply()
-            self._anomaly(Side.SERVER, AnomalyKind.NOT_A_REPLY, f"not an SMTP reply line: {text[:60]!r}")
+            self._anomaly(
+                Side.SERVER, AnomalyKind.NOT_A_REPLY, f"not an SMTP reply line: {text[:60]!r}"
+            )
             self._out.append(Opaque(Side.SERVER, raw, OpaqueReason.NOT_A_REPLY))
             return
         code = int(text[:3])
         if self._reply_raw and code != self._reply_code:
-            self._anomaly(Side.SERVER, AnomalyKind.CODE_CHANGED, "reply code changed within a multi-line reply")
+            self._anomaly(
+                Side.SERVER,
+                AnomalyKind.CODE_CHANGED,
+                "reply code changed within a multi-line reply",
+            )
             self._finish_reply()
         if AnomalyKind.BARE_LF in flags:
-            self._anomaly(Side.SERVER, AnomalyKind.BARE_LF, "a reply line ended with LF alone, not CRLF")
+            self._anomaly(
+                Side.SERVER, AnomalyKind.BARE_LF, "a reply line ended with LF alone, not CRLF"
+            )
         self._reply_code = code
         self._reply_raw.append(raw)
         self._reply_lines.append(text[4:])
@@ -594,8 +636,14 @@ class Conversation:
         """A multi-line reply past ``MAX_LINE`` octets (a server that never
         sends the last line must not grow memory): the lines so far but the
         last become opaque; the last keeps the reply open until its end."""
-        self._anomaly(Side.SERVER, AnomalyKind.REPLY_TOO_LONG, f"a multi-line reply longer than {MAX_LINE} octets")
-        self._out.append(Opaque(Side.SERVER, b"".join(self._reply_raw[:-1]), OpaqueReason.REPLY_TOO_LONG))
+        self._anomaly(
+            Side.SERVER,
+            AnomalyKind.REPLY_TOO_LONG,
+            f"a multi-line reply longer than {MAX_LINE} octets",
+        )
+        self._out.append(
+            Opaque(Side.SERVER, b"".join(self._reply_raw[:-1]), OpaqueReason.REPLY_TOO_LONG)
+        )
         del self._reply_raw[:-1], self._reply_lines[:-1]
         self._reply_held = len(self._reply_raw[0])
 
@@ -633,7 +681,9 @@ class Conversation:
                 release = ClientState.AUTH
         else:
             self._pending.popleft()
-            ends_message = (verb == "DATA" and pending.data_started) or (verb == "BDAT" and pending.last)
+            ends_message = (verb == "DATA" and pending.data_started) or (
+                verb == "BDAT" and pending.last
+            )
             if verb == "BDAT" and not pending.last and not 200 <= code < 300:
                 self._message = None  # a refused chunk ends the transaction (RFC 3030 section 3)
             if verb in ("EHLO", "HELO") and 200 <= code < 300:
@@ -655,7 +705,9 @@ class Conversation:
                 after.append(TlsStart())
                 self.server_tls = True
             if self._waiting_on is pending:
-                release = ClientState.TLS if (verb == "STARTTLS" and code == 220) else ClientState.COMMAND
+                release = (
+                    ClientState.TLS if (verb == "STARTTLS" and code == 220) else ClientState.COMMAND
+                )
         self._out.append(
             Reply(
                 raw=raw,

@@ -239,12 +239,16 @@ def exchanges(events: Iterable[Event], times: Iterable[float] | None = None) -> 
                 if ev.verb == "BDAT":
                     open_body = ex
             case AuthResponse():
-                ex = Exchange(StepKind.AUTH, "<auth>", ev.raw, auth=ev.auth, position=count.place("<auth>"))
+                ex = Exchange(
+                    StepKind.AUTH, "<auth>", ev.raw, auth=ev.auth, position=count.place("<auth>")
+                )
                 out.append(ex)
                 unanswered.append(ex)
             case MessageData(via="DATA"):
                 if open_body is None or open_body.kind != StepKind.BODY:
-                    open_body = Exchange(StepKind.BODY, "<body>", b"", position=count.place("<body>"))
+                    open_body = Exchange(
+                        StepKind.BODY, "<body>", b"", position=count.place("<body>")
+                    )
                     out.append(open_body)
                     unanswered.append(open_body)
                 open_body.client += ev.raw
@@ -266,11 +270,21 @@ def exchanges(events: Iterable[Event], times: Iterable[float] | None = None) -> 
                     count.tls = 1
             case Reply(command=cmd) if cmd == GREETING:
                 implicit = False
-                out.append(Exchange(StepKind.GREETING, GREETING, reply=ev, position=Position(1, 0, 0, count.tls)))
+                out.append(
+                    Exchange(
+                        StepKind.GREETING, GREETING, reply=ev, position=Position(1, 0, 0, count.tls)
+                    )
+                )
             case Reply(command=None):
-                out.append(Exchange(StepKind.UNSOLICITED, "<unsolicited>", reply=ev, position=Position(tls=count.tls)))
+                out.append(
+                    Exchange(
+                        StepKind.UNSOLICITED,
+                        "<unsolicited>",
+                        reply=ev,
+                        position=Position(tls=count.tls),
+                    )
+                )
             case Reply():
                 if unanswered:
                     unanswered.pop(0).reply = ev
     return out
-

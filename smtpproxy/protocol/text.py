@@ -283,4 +283,8 @@ def auth_response_fields(raw: bytes) -> dict[str, object]:
 def reply_fields(raw: bytes) -> dict[str, object]:
     """``Reply.code``, ``lines`` and ``enhanced``, from the reply's raw lines."""
     lines = tuple(line_text(line)[4:] for line in raw.splitlines(keepends=True))
-    return {"code": int(raw[:3]), "lines": lines, "enhanced": enhanced_code(lines[0]) if lines else None}
+    return {
+        "code": int(raw[:3]),
+        "lines": lines,
+        "enhanced": enhanced_code(lines[0]) if lines else None,
+    }
