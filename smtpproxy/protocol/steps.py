@@ -41,6 +41,7 @@ __all__ = [
     "Args",
     "Exchange",
     "Position",
+    "StepCounter",
     "StepKind",
     "exchanges",
     "parse_args",
@@ -188,8 +189,12 @@ class Exchange:
         return line
 
 
-class _Counter:
-    """Counts steps by verb, in the session and in the open transaction."""
+class StepCounter:
+    """Counts steps by verb, in the session and in the open transaction:
+    ``place(verb)`` gives the next step's :class:`Position`. ``exchanges``
+    uses it, and so does anything that must name a step as it happens
+    (fault rules: ``rcpt#2``, ``message#2``); tell it ``open = False`` when
+    a message ends and ``tls += 1`` when TLS comes up."""
 
     def __init__(self) -> None:
         self.session: dict[str, int] = {}
@@ -221,7 +226,7 @@ def exchanges(events: Iterable[Event], times: Iterable[float] | None = None) -> 
     unanswered: list[Exchange] = []
     tlist = list(times) if times is not None else None
     open_body: Exchange | None = None
-    count = _Counter()
+    count = StepCounter()
     implicit = True  # a TLS handshake before any SMTP is implicit TLS (RFC 8314)
     for i, ev in enumerate(events):
         t = tlist[i] if tlist is not None else None
