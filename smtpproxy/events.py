@@ -274,6 +274,7 @@ class NoteKind(enum.StrEnum):
     LINE_TIMEOUT = "line_timeout"
     MESSAGE_TIMEOUT = "message_timeout"
     HANDSHAKE_TIMEOUT = "handshake_timeout"
+    FAULT = "fault"  # a --fault rule fired: the note names the rule and what it did
 
 
 #: Notes the transcript shows as warnings (``!!``). A recording read back

@@ -27,6 +27,7 @@ import trio
 from . import accept
 from .auth import Redactor
 from .events import Command, Event, Note, NoteKind, Reply, Side
+from .faults import FaultPlan
 from .net import connect_reason, format_address
 from .protocol import Conversation, format_reply
 from .recording import Recorder, new_session_id, note_in_place
@@ -74,6 +75,8 @@ class ProxyConfig:
     strip_starttls: bool = False
     #: remove passwords, tokens and digests from recordings and the transcript
     redact: bool = False
+    #: ``--fault`` / ``--faults``: the rules to apply (docs/faults.md)
+    faults: FaultPlan | None = None
 
     def __post_init__(self) -> None:
         self.upstream_tls = UpstreamTls(self.upstream_tls)
