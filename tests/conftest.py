@@ -119,28 +119,38 @@ class AioServer:
         return (self.host, self.port)
 
 
-@pytest.fixture
-def aiosmtpd_server() -> Iterator[AioServer]:
-    """A real aiosmtpd server on loopback with AUTH PLAIN/LOGIN for
-    user@domain.com / password (the seed's credentials)."""
+@contextlib.contextmanager
+def run_aiosmtpd(users: dict[str, str] | None = None, **options: Any) -> Iterator[AioServer]:
+    """A real aiosmtpd server on loopback, AUTH PLAIN/LOGIN in the clear for
+    ``users`` (default: user@domain.com / password, the seed's credentials);
+    ``options`` go to its Controller."""
     from aiosmtpd.controller import Controller
 
     received = Received()
     port = free_port()
+    options.setdefault("data_size_limit", 20 * 1024 * 1024)
     controller = Controller(
         _Handler(received),
         hostname="127.0.0.1",
         port=port,
-        authenticator=_Authenticator(received, {"user@domain.com": "password"}),
+        authenticator=_Authenticator(received, users or {"user@domain.com": "password"}),
         auth_require_tls=False,
-        data_size_limit=20 * 1024 * 1024,
         ready_timeout=10,
+        **options,
     )
     controller.start()
     try:
         yield AioServer("127.0.0.1", port, received)
     finally:
         controller.stop()
+
+
+@pytest.fixture
+def aiosmtpd_server() -> Iterator[AioServer]:
+    """A real aiosmtpd server on loopback with AUTH PLAIN/LOGIN for
+    user@domain.com / password (the seed's credentials)."""
+    with run_aiosmtpd() as server:
+        yield server
 
 
 @dataclass

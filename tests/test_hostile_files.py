@@ -10,31 +10,17 @@ import os
 from pathlib import Path
 
 import pytest
-import trio
-from test_recordings import (
-    MESSAGE,
-    record_one,
-    run_cli,
-    smtplib_client,
-    start_sink,
-)
+from test_recordings import MESSAGE, run_cli
+from test_recordings import good_recording as _good_recording  # noqa: F401  (registers the fixture)
 
 from smtpproxy.recording import read_recording
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One real session with one message (smtplib to the Sink through the proxy)."""
-    folder = tmp_path_factory.mktemp("good")
-
-    async def main() -> Path:
-        async with trio.open_nursery() as nursery:
-            sink = await start_sink(nursery)
-            path = await record_one(nursery, folder, sink, smtplib_client("PLAIN"))
-            nursery.cancel_scope.cancel()
-        return path
-
-    return trio.run(main)
+def good(_good_recording: Path) -> Path:  # noqa: F811  (a fixture's argument, not a redefinition)
+    """One real session with one message (smtplib to the Sink through the
+    proxy): test_recordings' recording, made once."""
+    return _good_recording
 
 
 def _with_session(good: Path, folder: Path, session: object) -> Path:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,8 @@ import pytest
 import trio
 from conftest import (
     AioServer,
-    Received,
-    _Authenticator,
-    _Handler,
-    free_port,
+    RunningProxy,
+    run_aiosmtpd,
     start_proxy,
     wait_for_sessions,
 )
@@ -32,27 +29,9 @@ USER, PASSWORD = "user@domain.com", "password"
 SECRET = "Tr0ub4dor&3-Secret"
 
 
-@contextlib.contextmanager
-def aiosmtpd(**options: Any) -> Iterator[AioServer]:
-    """A real aiosmtpd (any AUTH in the clear; ``options`` for its Controller)."""
-    from aiosmtpd.controller import Controller
-
-    received = Received()
-    port = free_port()
-    controller = Controller(
-        _Handler(received),
-        hostname="127.0.0.1",
-        port=port,
-        authenticator=_Authenticator(received, {USER: SECRET}),
-        auth_require_tls=False,
-        ready_timeout=10,
-        **options,
-    )
-    controller.start()
-    try:
-        yield AioServer("127.0.0.1", port, received)
-    finally:
-        controller.stop()
+def aiosmtpd(**options: Any) -> contextlib.AbstractContextManager[AioServer]:
+    """A real aiosmtpd taking AUTH for USER with SECRET."""
+    return run_aiosmtpd({USER: SECRET}, **options)
 
 
 def _b64(data: str | bytes) -> bytes:
@@ -71,6 +50,22 @@ async def _ehlo(peer: Peer) -> None:
 def _forms(secret: bytes) -> list[bytes]:
     """The secret and its base64, lower-cased (compared with lower-cased text)."""
     return [secret.lower(), _b64(secret).lower()]
+
+
+def _assert_not_recorded(tmp_path: Path, proxy: RunningProxy, secrets: list[bytes]) -> str:
+    """No secret in the recording, ``show --json`` or the live transcript;
+    what ``show --json`` printed."""
+    (path,) = proxy.recording_paths()
+    shown = run_cli(tmp_path, "show", "--json", str(path))
+    _assert_nowhere(
+        {
+            "recording": path.read_bytes(),
+            "show --json": shown.stdout.encode(),
+            "transcript": proxy.transcript().encode(),
+        },
+        secrets,
+    )
+    return shown.stdout
 
 
 def _assert_nowhere(blobs: dict[str, bytes], secrets: list[bytes]) -> None:
@@ -152,17 +147,8 @@ async def test_base64_lines_after_a_refused_auth_do_not_leak_through_the_replies
             await peer.close()
             await wait_for_sessions(proxy.proxy, 1)
             nursery.cancel_scope.cancel()
-    (path,) = proxy.recording_paths()
-    shown = run_cli(tmp_path, "show", "--json", str(path))
-    _assert_nowhere(
-        {
-            "recording": path.read_bytes(),
-            "show --json": shown.stdout.encode(),
-            "transcript": proxy.transcript().encode(),
-        },
-        [SECRET.encode()],
-    )
-    assert b'"command":"<REDACTED>"' in path.read_bytes()
+    _assert_not_recorded(tmp_path, proxy, [SECRET.encode()])
+    assert b'"command":"<REDACTED>"' in proxy.recording_paths()[0].read_bytes()
 
 
 async def test_a_server_that_echoes_the_refused_argument_does_not_leak_it(tmp_path: Path) -> None:
@@ -194,17 +180,8 @@ async def test_a_server_that_echoes_the_refused_argument_does_not_leak_it(tmp_pa
         await server.close()
         await wait_for_sessions(proxy.proxy, 1)
         nursery.cancel_scope.cancel()
-    (path,) = proxy.recording_paths()
-    shown = run_cli(tmp_path, "show", "--json", str(path))
-    _assert_nowhere(
-        {
-            "recording": path.read_bytes(),
-            "show --json": shown.stdout.encode(),
-            "transcript": proxy.transcript().encode(),
-        },
-        [SECRET.encode(), PLAIN],
-    )
-    assert "Security features not supported: AUTH method" in shown.stdout
+    shown = _assert_not_recorded(tmp_path, proxy, [SECRET.encode(), PLAIN])
+    assert "Security features not supported: AUTH method" in shown
 
 
 async def _ehlo_reply(peer: Peer) -> None:
