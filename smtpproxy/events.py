@@ -279,7 +279,9 @@ class NoteKind(enum.StrEnum):
 
 #: Notes the transcript shows as warnings (``!!``). A recording read back
 #: holds plain strings, which hash and compare as the members do.
-WARNING_NOTES: frozenset[str] = frozenset({NoteKind.UPSTREAM_ERROR, NoteKind.TLS_ERROR})
+WARNING_NOTES: frozenset[str] = frozenset(
+    {NoteKind.UPSTREAM_ERROR, NoteKind.TLS_ERROR, NoteKind.FAULT}
+)
 
 
 @dataclass(frozen=True, slots=True)
