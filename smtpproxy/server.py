@@ -14,6 +14,7 @@ import logging
 import secrets
 import socket
 import ssl
+import struct
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -31,7 +32,9 @@ from .events import (
     OpaqueReason,
     Side,
 )
-from .protocol import MAX_LINE, ClientState, Conversation, format_reply, parse_args
+from .faults import ActionKind, Fault, FaultPlan, SessionFaults
+from .protocol import MAX_LINE, ClientState, Conversation, StepCounter, format_reply, parse_args
+from .render import Transcript
 from .tls import HandshakeFailed, handshake
 
 __all__ = ["Sink", "SinkConfig"]
@@ -61,6 +64,10 @@ class SinkConfig:
     tls: ssl.SSLContext | None = None
     #: speak TLS from the first byte
     implicit_tls: bool = False
+    #: ``--fault`` / ``--faults``: fail the steps they name (docs/faults.md)
+    faults: FaultPlan | None = None
+    #: where ``!! fault <rule>: ...`` lines go (None: nowhere)
+    transcript: Transcript | None = None
 
 
 @dataclass
@@ -73,9 +80,23 @@ class SinkStats:
 class _Sink:
     """The server's side of one session: policy only; parsing is the Conversation's."""
 
-    def __init__(self, config: SinkConfig, stats: SinkStats) -> None:
+    def __init__(
+        self, config: SinkConfig, stats: SinkStats, faults: SessionFaults | None = None
+    ) -> None:
         self.config = config
         self.stats = stats
+        #: the fault rules of this session (None: no rules, the plain path)
+        self.faults = faults
+        self.label = ""  # the client's ip:port, for the transcript
+        self.steps = StepCounter()
+        self.messages = 0  # messages begun in the session, for body/dot's number
+        self.body_octets = 0
+        self.bdat_fault: Fault | None = None
+        #: replies so far, and before them what to do (a delay, a close)
+        self._out = bytearray()
+        self._pieces: list[bytes | Fault] = []
+        #: a fault stopped the answers: STALL, CLOSE or RESET
+        self.halted = False
         self.conv = Conversation()
         self.helo: str | None = None
         self.mail_from: str | None = None
@@ -100,18 +121,22 @@ class _Sink:
         return self._reply(220, f"{self.config.hostname} ESMTP smtpproxy sink")
 
     def _reply(self, code: int, *lines: str) -> bytes:
-        data = format_reply(code, *lines)
+        return self._reply_raw(format_reply(code, *lines))
+
+    def _reply_raw(self, data: bytes) -> bytes:
         # the Conversation must see our replies to know what the client sends
         # next; client bytes it held back until now come out as events
         self._released += [e for e in self.conv.feed(Side.SERVER, data) if e.side is Side.CLIENT]
         return data
 
-    def receive(self, data: bytes) -> bytes:
-        """Client bytes in; the replies to send back out."""
-        out = bytearray()
+    def receive(self, data: bytes) -> list[bytes | Fault]:
+        """Client bytes in; the replies to send back out, with the faults to
+        act on between them (none without rules: one piece of bytes)."""
+        out = self._out = bytearray()
+        self._pieces = []
         todo: deque[Event] = deque(self.conv.feed(Side.CLIENT, data))
-        while not (self.quit or self.starttls):
-            while todo and not (self.quit or self.starttls):
+        while not (self.quit or self.starttls or self.halted):
+            while todo and not (self.quit or self.starttls or self.halted):
                 ev = todo.popleft()
                 if self.bdat_cmd is not None and isinstance(ev, (Command, AuthResponse, Opaque)):
                     out += self._chunk_done(last=False)
@@ -127,7 +152,21 @@ class _Sink:
             out += self._chunk_done(last=False)
             todo.extend(self._released)
             self._released = []
-        return bytes(out)
+        return [*self._pieces, bytes(out)] if self._pieces else [bytes(out)]
+
+    def act(self, fault: Fault) -> None:
+        """A fault to act on after the replies so far (a delay, a stall, a
+        close): the I/O loop in ``Sink.handle`` does it."""
+        self._pieces += [bytes(self._out), fault]
+        self._out.clear()
+        if fault.kind in (ActionKind.STALL, ActionKind.CLOSE, ActionKind.RESET):
+            self.halted = True
+
+    def report(self, fault: Fault, what: str = "") -> None:
+        """``!! fault <rule>: <what happened>`` in the transcript."""
+        if self.config.transcript is not None:
+            line = f"fault {fault.rule}: {what or fault.describe()}"
+            self.config.transcript.say(self.label, line, warn=True)
 
     def _reset(self) -> None:
         self.mail_from = None
@@ -136,6 +175,8 @@ class _Sink:
 
     def _respond(self, ev: Event) -> bytes | None:
         match ev:
+            case Command() if self.faults is not None:
+                return self._command_fault(ev, self.faults)
             case Command():
                 return self._command(ev)
             case AuthResponse():
@@ -146,6 +187,9 @@ class _Sink:
             case MessageData(via="BDAT") if self.bdat_cmd is not None:
                 self.chunk_octets += len(ev.raw)
                 self.chunk_seen = ev.last
+                self._body(ev)
+            case MessageData():
+                self._body(ev)
             case MessageEnd(via="BDAT"):
                 return self._chunk_done(last=True)
             case MessageEnd():
@@ -160,7 +204,85 @@ class _Sink:
                 return self._reply(500, "5.5.2 line too long")
         return None
 
-    def _command(self, cmd: Command) -> bytes | None:
+    def _command_fault(self, cmd: Command, faults: SessionFaults) -> bytes | None:
+        """A command with fault rules in force: its step, then the sink's own
+        work or the fault's (docs/faults.md says what each action does)."""
+        verb = cmd.verb
+        pos = self.steps.place(verb)
+        if verb in ("EHLO", "HELO"):
+            faults.learn(helo=cmd.arg.strip())
+        elif verb in ("MAIL", "RCPT") and cmd.path is not None:
+            faults.learn(**{"mail_from" if verb == "MAIL" else "rcpt": cmd.path})
+        elif verb == "AUTH" and cmd.auth is not None and cmd.auth.fields.get("user"):
+            faults.learn(user=cmd.auth.fields["user"])
+        fault = faults.step(verb.lower(), nth=pos.nth, transaction=pos.transaction)
+        if fault is None:
+            return self._command(cmd)
+        self.report(fault)
+        match fault.kind:
+            case ActionKind.REPLY if verb == "BDAT":
+                self.bdat_cmd, self.bdat_fault = cmd, fault
+                return None
+            case ActionKind.REPLY:
+                return self._reply_raw(fault.reply_bytes())
+            case ActionKind.REPLACE:
+                own = self._command(cmd)
+                if verb == "BDAT":
+                    self.bdat_fault = fault
+                    return own
+                return fault.reply_bytes()
+            case ActionKind.REMOVE | ActionKind.ADD:
+                return self._command(cmd, fault)
+            case ActionKind.STALL | ActionKind.CLOSE | ActionKind.RESET:
+                self.act(fault)
+                return None
+        self.act(fault)  # DELAY, THROTTLE: then answer as usual
+        return self._command(cmd)
+
+    def _body(self, ev: MessageData) -> None:
+        """``body`` steps, as the message passes."""
+        if self.faults is None:
+            return
+        if self.body_octets == 0:
+            self.messages += 1
+        self.body_octets += len(ev.raw)
+        fault = self.faults.step(
+            "body", nth=self.messages, transaction=self.steps.transaction, octets=self.body_octets
+        )
+        if fault is not None:
+            self.report(fault, f"{fault.describe()} after {self.body_octets} octets of the message")
+            self.act(fault)
+
+    def _dot(self, size: int, answer: bytes | None = None) -> bytes:
+        """The end of a message (DATA's dot or BDAT LAST) with fault rules:
+        the ``dot`` step, then the sink's own acceptance or the fault's.
+        ``answer``: the reply a BDAT fault already chose."""
+        assert self.faults is not None
+        if self.body_octets == 0:
+            self.messages += 1
+        self.body_octets = 0
+        self.steps.open = False
+        fault = self.faults.step("dot", nth=self.messages, transaction=self.steps.transaction)
+        match fault:
+            case None:
+                return self._accept(size)
+            case Fault(kind=ActionKind.REPLY):
+                self.report(fault, f"{fault.describe()}; the message was not accepted")
+                self._reset()
+                return self._reply_raw(fault.reply_bytes())
+            case Fault(kind=ActionKind.REPLACE):
+                own = self._accept(size)
+                accepted = "accepted (counted)" if own.startswith(b"250") else "refused"
+                self.report(fault, f"{fault.describe()}; the sink {accepted} the message")
+                return fault.reply_bytes()
+        self.report(fault)
+        self.act(fault)
+        if fault.kind in (ActionKind.DELAY, ActionKind.THROTTLE):
+            return self._accept(size)
+        self._reset()
+        return b""
+
+    def _command(self, cmd: Command, caps: Fault | None = None) -> bytes | None:
         verb, arg = cmd.verb, cmd.arg.strip()
         if len(cmd.raw) > MAX_LINE:
             return self._reply(500, "5.5.2 line too long")
@@ -175,13 +297,10 @@ class _Sink:
                 if verb == "HELO":
                     return self._reply(250, self.config.hostname)
                 starttls = ("STARTTLS",) if self._offers_tls() else ()
-                return self._reply(
-                    250,
-                    f"{self.config.hostname} greets {arg}",
-                    f"SIZE {self.config.max_size}",
-                    *starttls,
-                    *_EHLO_KEYWORDS,
-                )
+                keywords = [f"SIZE {self.config.max_size}", *starttls, *_EHLO_KEYWORDS]
+                if caps is not None:
+                    keywords = _edit_keywords(keywords, caps)
+                return self._reply(250, f"{self.config.hostname} greets {arg}", *keywords)
             case "MAIL":
                 if self.helo is None:
                     return self._reply(503, "5.5.1 say EHLO or HELO first")
@@ -252,6 +371,8 @@ class _Sink:
         clear; the client starts again with EHLO (RFC 3207 section 4.2).
         Bytes it sent after STARTTLS in clear were dropped by the Conversation."""
         self.conv.tls_established()
+        self.steps.tls += 1
+        self.steps.open = False
         self.starttls = False
         self.helo = None
         self.authed = None
@@ -310,6 +431,8 @@ class _Sink:
         """The end of a DATA body (RFC 5321 section 4.1.1.4)."""
         if not ev.complete:
             return None
+        if self.faults is not None:
+            return self._dot(ev.size)
         return self._accept(ev.size)
 
     def _chunk_done(self, last: bool) -> bytes:
@@ -320,6 +443,18 @@ class _Sink:
         self.bdat_cmd, self.chunk_octets, self.chunk_seen = None, 0, False
         if cmd is None:
             return b""
+        fault, self.bdat_fault = self.bdat_fault, None
+        if fault is not None and fault.kind is ActionKind.REPLY:
+            self._reset()  # the chunk is read and dropped, the transaction ends
+            self.body_octets = 0
+            self.steps.open = False
+            return self._reply_raw(fault.reply_bytes())
+        if fault is not None:  # REPLACE: the sink's own work, the fault's reply
+            self._chunk_answer(cmd, octets, last)
+            return fault.reply_bytes()
+        return self._chunk_answer(cmd, octets, last)
+
+    def _chunk_answer(self, cmd: Command, octets: int, last: bool) -> bytes:
         if not parse_args(cmd.verb, cmd.arg).valid:
             self._reset()
             return self._reply(501, "5.5.4 syntax: BDAT <size> [LAST]")
@@ -328,7 +463,7 @@ class _Sink:
             return self._reply(503, "5.5.1 need MAIL and RCPT before BDAT")
         total = (self.bdat_octets or 0) + octets
         if last:
-            return self._accept(total)
+            return self._dot(total) if self.faults is not None else self._accept(total)
         if total > self.config.max_size:
             self._reset()
             return self._reply(552, "5.3.4 message size exceeds fixed limit")
@@ -344,6 +479,40 @@ class _Sink:
         self.stats.octets += size
         queue_id = secrets.token_hex(6).upper()
         return self._reply(250, f"2.0.0 Ok: queued as {queue_id}")
+
+
+def _edit_keywords(keywords: list[str], fault: Fault) -> list[str]:
+    """EHLO keywords with ``remove``'s hidden or ``add``'s appended
+    (matched on the keyword, the first word: RFC 5321 section 4.1.1.1)."""
+    names = set(fault.capabilities)
+    if fault.kind is ActionKind.REMOVE:
+        return [k for k in keywords if k.split()[0].upper() not in names]
+    have = {k.split()[0].upper() for k in keywords}
+    return keywords + [c for c in fault.capabilities if c not in have]
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    """The client's ``ip:port`` (``?`` when the stream is not a socket)."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        with contextlib.suppress(OSError):
+            addr = stream.socket.getpeername()
+            return f"{addr[0]}:{addr[1]}"
+    return "?"
+
+
+def _linger_zero(stream: trio.abc.Stream) -> None:
+    """Make the close that follows an RST (SO_LINGER on, 0 seconds)."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        with contextlib.suppress(OSError):
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+class _Stop(Exception):
+    """A fault ended the session (CLOSE or RESET)."""
 
 
 class Sink:
@@ -369,15 +538,36 @@ class Sink:
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         self.stats.sessions += 1
-        sink = _Sink(self.config, self.stats)
+        plan = self.config.faults
+        peer = _peer(stream) if plan is not None else ""
+        faults = plan.session(peer) if plan is not None else None
+        sink = _Sink(self.config, self.stats, faults)
+        sink.label = peer
+        out = _Output(stream)
         try:
+            if faults is not None and not await self._before(sink, faults, out, "connect"):
+                return
             if self.config.implicit_tls:
-                tls = await self._handshake(stream)
-                if tls is None:
+                if faults is not None and not await self._before(sink, faults, out, "tls"):
                     return
-                stream = tls
+                tls = None if sink.halted else await self._handshake(stream)
+                if tls is None and not sink.halted:
+                    return
+                stream = out.stream = tls or stream
                 sink.conv.implicit_tls()
-            await stream.send_all(sink.greeting())
+                sink.steps.tls = 1
+            greeting = sink.greeting()
+            if faults is not None:
+                fault = faults.step("greeting")
+                if fault is not None and fault.kind in (ActionKind.REPLY, ActionKind.REPLACE):
+                    sink.report(fault)
+                    greeting = fault.reply_bytes()
+                elif fault is not None:
+                    sink.report(fault)
+                    sink.halted = fault.kind is ActionKind.STALL
+                    await out.send([fault])
+            if not sink.halted:
+                await out.send([greeting])
             while not sink.quit:
                 with trio.move_on_after(self.config.idle_timeout) as idle:
                     data = await stream.receive_some(65536)
@@ -386,15 +576,21 @@ class Sink:
                     break
                 if not data:
                     break
-                out = sink.receive(bytes(data))
-                if out:
-                    await stream.send_all(out)
-                if sink.starttls:
+                if sink.halted:
+                    continue  # stalled: read on, answer nothing, until the idle timeout
+                await out.send(sink.receive(bytes(data)))
+                if sink.starttls and not sink.halted:
+                    if faults is not None and not await self._before(sink, faults, out, "tls"):
+                        return
+                    if sink.halted:
+                        continue
                     tls = await self._handshake(stream)
                     if tls is None:
                         return
-                    stream = tls
+                    stream = out.stream = tls
                     sink.tls_established()
+        except _Stop:
+            pass
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
@@ -408,6 +604,25 @@ class Sink:
         finally:
             await trio.aclose_forcefully(stream)
 
+    async def _before(self, sink: _Sink, faults: SessionFaults, out: _Output, step: str) -> bool:
+        """The ``connect`` or ``tls`` step; False: the session ends here."""
+        fault = faults.step(step)
+        if fault is None:
+            return True
+        sink.report(fault)
+        match fault.kind:
+            case ActionKind.REPLY:  # connect: answer instead of the greeting, and close
+                await out.send([fault.reply_bytes()])
+                return False
+            case ActionKind.TLS_ABORT:
+                _linger_zero(out.stream)  # no handshake: the client's fails at once
+                return False
+            case ActionKind.TLS_CERT:  # refused at start (app.sink); here for safety
+                return False
+        sink.halted = fault.kind is ActionKind.STALL
+        await out.send([fault])
+        return True
+
     async def _handshake(self, stream: trio.abc.Stream) -> trio.SSLStream[trio.abc.Stream] | None:
         """Shake hands as a TLS server; None (the stream closed) if that fails."""
         assert self.config.tls is not None
@@ -417,3 +632,39 @@ class Sink:
             )
         except HandshakeFailed:
             return None
+
+
+class _Output:
+    """Sends the sink's replies and acts on the faults between them."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.rate = 0  # THROTTLE: octets a second (0: no limit)
+
+    async def send(self, pieces: list[bytes | Fault]) -> None:
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                if piece:
+                    await self._send(piece)
+                continue
+            match piece.kind:
+                case ActionKind.DELAY:
+                    await trio.sleep(piece.seconds)
+                case ActionKind.THROTTLE:
+                    self.rate = piece.rate
+                case ActionKind.CLOSE:
+                    raise _Stop
+                case ActionKind.RESET:
+                    _linger_zero(self.stream)
+                    raise _Stop
+                case ActionKind.STALL:
+                    return  # nothing more is sent; handle() reads on until the idle timeout
+
+    async def _send(self, data: bytes) -> None:
+        if not self.rate:
+            await self.stream.send_all(data)
+            return
+        step = max(1, self.rate // 10)
+        for i in range(0, len(data), step):
+            await self.stream.send_all(data[i : i + step])
+            await trio.sleep(len(data[i : i + step]) / self.rate)
