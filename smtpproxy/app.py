@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import signal
 import socket
 import stat
 import sys
@@ -26,6 +27,7 @@ from pathlib import Path
 import trio
 
 from . import __version__, accept
+from .faults import FaultPlan, FaultSource, FaultSyntaxError
 from .net import is_loopback
 from .recording import ensure_private_dir
 from .relay import Proxy, ProxyConfig, UpstreamTls
@@ -77,11 +79,13 @@ def record(
     tls: TlsFiles,
     workers: int | None = None,
     embedded: bool = False,
+    reload: FaultSource | None = None,
 ) -> bool:
     """Relay clients as ``config`` says until SIGINT, SIGTERM or SIGHUP, in
     one process or ``workers`` (default: one per core; one with the
     ``embedded`` upstream, which this process then runs). Fills in
     ``config``'s TLS contexts and the sessions each process may hold.
+    ``reload``: SIGHUP re-reads the fault rules from it instead of stopping.
     Returns True when every worker ended cleanly."""
     if config.recordings is not None:
         prepare_recordings(config.recordings)
@@ -101,11 +105,11 @@ def record(
         held=config.server_contexts.descriptors() + (keylog is not None),
     )
     if count > 1:
-        totals, ok = _record_in_workers(config, transcript, count, ca)
+        totals, ok = _record_in_workers(config, transcript, count, ca, reload)
     else:
         proxy = Proxy(config, transcript)
         try:
-            trio.run(_run_record, proxy, embedded, ca)
+            trio.run(_run_record, proxy, embedded, ca, reload)
         except OSError as exc:
             raise _cannot_listen(config.listen, exc) from None
         totals, ok = dataclasses.asdict(proxy.stats), True
@@ -230,9 +234,15 @@ def _banner(
 
 
 def _record_in_workers(
-    config: ProxyConfig, transcript: Transcript, count: int, ca: CertificateAuthority | None
+    config: ProxyConfig,
+    transcript: Transcript,
+    count: int,
+    ca: CertificateAuthority | None,
+    reload: FaultSource | None = None,
 ) -> tuple[Mapping[str, int], bool]:
-    """``record`` with several worker processes (see smtpproxy/workers.py)."""
+    """``record`` with several worker processes (see smtpproxy/workers.py).
+    With ``reload``, a SIGHUP is checked here (one line said) and passed on
+    to the workers, which each read the rules again."""
     try:
         group = WorkerGroup.bind(config.listen[0], config.listen[1], count)
     except OSError as exc:
@@ -240,43 +250,92 @@ def _record_in_workers(
 
     def work(sockets: list[socket.socket]) -> dict[str, int]:
         proxy = Proxy(config, transcript)
-        trio.run(_serve_sockets, proxy, sockets)
+        trio.run(_serve_sockets, proxy, sockets, reload)
         return dataclasses.asdict(proxy.stats)
 
-    ok = group.run(work, ready=lambda: _banner(group.address, config, ca, count))
+    def check() -> bool:
+        return reload is not None and _reload_faults(None, reload)
+
+    ok = group.run(
+        work,
+        ready=lambda: _banner(group.address, config, ca, count),
+        reload=check if reload is not None else None,
+    )
     for problem in group.problems:
         _say(f"smtpproxy: {problem}")
     return group.totals, ok
 
 
-async def _serve_sockets(proxy: Proxy, sockets: list[socket.socket]) -> None:
-    """One worker: serve on sockets bound by the parent until a signal."""
+async def _serve_sockets(
+    proxy: Proxy, sockets: list[socket.socket], reload: FaultSource | None = None
+) -> None:
+    """One worker: serve on sockets bound by the parent until a signal
+    (a SIGHUP passed on by the parent re-reads the fault rules, quietly:
+    the parent said whether they were good)."""
     listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
-    with _stop_signals() as signals:
+    with _stop_signals(reload) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(proxy.serve, listeners)
-            await _first(signals)
+            await _first(signals, proxy.config.faults, reload, quiet=True)
             nursery.cancel_scope.cancel()
 
 
-def _stop_signals() -> contextlib.AbstractContextManager[AsyncIterator[int]]:
+def _stop_signals(
+    reload: FaultSource | None = None,
+) -> contextlib.AbstractContextManager[AsyncIterator[int]]:
     """SIGINT, SIGTERM and SIGHUP (a closed terminal or SSH session; not
     under ``nohup``: workers.stop_signals), caught from here on; each stops
-    the proxy the same way. Entered before the banner is printed: a signal
-    sent as soon as the banner shows must not meet the default action
-    (death, with recordings left without their close line and no summary)."""
-    return trio.open_signal_receiver(*stop_signals())
+    the proxy the same way, except SIGHUP with ``reload`` (``--faults
+    FILE``): it re-reads the rules (see ``_first``). Entered before the
+    banner is printed: a signal sent as soon as the banner shows must not
+    meet the default action (death, with recordings left without their
+    close line and no summary)."""
+    wanted = stop_signals() | ({signal.SIGHUP} if reload is not None else set())
+    return trio.open_signal_receiver(*wanted)
 
 
-async def _first(signals: AsyncIterator[int]) -> None:
-    async for _ in signals:
+async def _first(
+    signals: AsyncIterator[int],
+    plan: FaultPlan | None = None,
+    reload: FaultSource | None = None,
+    quiet: bool = False,
+) -> None:
+    """Wait for a stop signal; a SIGHUP with ``reload`` re-reads the fault
+    rules into ``plan`` instead and waits on."""
+    async for signum in signals:
+        if signum == signal.SIGHUP and reload is not None:
+            _reload_faults(plan, reload, quiet)
+            continue
         return
 
 
-async def _run_record(proxy: Proxy, embedded: bool, ca: CertificateAuthority | None) -> None:
+def _reload_faults(plan: FaultPlan | None, source: FaultSource, quiet: bool = False) -> bool:
+    """SIGHUP: read the fault rules again into ``plan`` (None: only check
+    them); a bad file keeps the rules in force. One line says which."""
+    try:
+        rules = source.load()
+    except FaultSyntaxError as exc:
+        if not quiet:
+            _say(f"smtpproxy: SIGHUP: {exc}; the rules in force stay")
+        return False
+    if plan is not None:
+        plan.replace(rules)
+    if not quiet:
+        _say(
+            f"smtpproxy: SIGHUP: {len(rules)} fault rule(s) read from {source.file}; new sessions follow them"
+        )
+    return True
+
+
+async def _run_record(
+    proxy: Proxy,
+    embedded: bool,
+    ca: CertificateAuthority | None,
+    reload: FaultSource | None = None,
+) -> None:
     config = proxy.config
     listeners = await proxy.listen()
-    with _stop_signals() as signals:
+    with _stop_signals(reload) as signals:
         async with trio.open_nursery() as nursery:
             if embedded:
                 sink_tls = (
@@ -295,7 +354,7 @@ async def _run_record(proxy: Proxy, embedded: bool, ca: CertificateAuthority | N
                 config.upstream_label = f"embedded sink {host}:{port}"
             address = await nursery.start(proxy.serve, listeners)
             _banner(address, config, ca)
-            await _first(signals)
+            await _first(signals, config.faults, reload)
             nursery.cancel_scope.cancel()
 
 
@@ -318,14 +377,14 @@ def local_ca(regenerate: bool = False) -> CertificateAuthority:
     return authority
 
 
-def sink(listen: tuple[str, int], config: SinkConfig) -> None:
+def sink(listen: tuple[str, int], config: SinkConfig, reload: FaultSource | None = None) -> None:
     """Run the embedded server alone on ``listen`` until a stop signal, then
-    print what it accepted."""
+    print what it accepted. ``reload``: SIGHUP re-reads the fault rules."""
     server = Sink(config)
 
     async def run() -> None:
         listeners = await trio.open_tcp_listeners(listen[1], host=listen[0])
-        with _stop_signals() as signals:
+        with _stop_signals(reload) as signals:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(
                     functools.partial(
@@ -338,7 +397,7 @@ def sink(listen: tuple[str, int], config: SinkConfig) -> None:
                 )
                 addr = listeners[0].socket.getsockname()
                 _say(f"smtpproxy sink: listening on {addr[0]}:{addr[1]} (Ctrl-C to stop)")
-                await _first(signals)
+                await _first(signals, config.faults, reload)
                 nursery.cancel_scope.cancel()
 
     try:

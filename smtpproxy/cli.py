@@ -22,6 +22,7 @@ from . import __version__, app, options
 from .diff import diff_sessions, exchanges_of, format_unified, tls_facts
 from .events import Side
 from .export import ExportFailed, ExportRefused, export_all
+from .faults import ActionKind, FaultPlan, FaultSource, FaultSyntaxError
 from .recording import (
     Recording,
     RecordingError,
@@ -68,6 +69,8 @@ def main() -> None:
 @options.redact
 @options.workers
 @options.color
+@options.fault
+@options.faults_file
 @click.pass_context
 def record(
     ctx: click.Context,
@@ -93,6 +96,8 @@ def record(
     redact: bool,
     workers: int | None,
     color: bool | None,
+    fault_rules: tuple[str, ...],
+    faults_file: Path | None,
 ) -> None:
     """Relay mail clients to an SMTP server, showing and recording every
     command and reply.
@@ -116,6 +121,7 @@ def record(
         upstream_tls=UpstreamTls(upstream_tls),
         strip_starttls=strip_starttls,
         redact=redact,
+        faults=_fault_plan(fault_rules, faults_file),
     )
     tls = app.TlsFiles(
         cert=cert,
@@ -126,7 +132,12 @@ def record(
     )
     try:
         ok = app.record(
-            config, transcript(color, quiet, show_body), tls, workers, embedded=upstream is None
+            config,
+            transcript(color, quiet, show_body),
+            tls,
+            workers,
+            embedded=upstream is None,
+            reload=FaultSource(fault_rules, faults_file) if faults_file else None,
         )
     except app.StartError as exc:
         raise click.ClickException(str(exc)) from None
@@ -138,14 +149,33 @@ def record(
 @options.listen(2526, "Address to accept SMTP clients on.")
 @options.hostname
 @options.max_size
-def sink(listen: tuple[str, int], hostname: str | None, max_size: int) -> None:
+@options.fault
+@options.faults_file
+def sink(
+    listen: tuple[str, int],
+    hostname: str | None,
+    max_size: int,
+    fault_rules: tuple[str, ...],
+    faults_file: Path | None,
+) -> None:
     """Run the embedded SMTP server alone: it accepts any credentials and
     every message, and keeps nothing."""
-    config = SinkConfig(max_size=max_size)
+    plan = _fault_plan(fault_rules, faults_file)
+    for rule in plan.rules if plan is not None else ():
+        if rule.fault.kind is ActionKind.TLS_CERT:
+            raise click.UsageError(
+                f"fault rule {rule.text!r}: the sink shows only its own certificate; "
+                "'tls: cert ...' works on 'smtpproxy record'"
+            )
+    config = SinkConfig(max_size=max_size, faults=plan)
+    if plan is not None:
+        config.transcript = transcript(None)
     if hostname:
         config.hostname = hostname
     try:
-        app.sink(listen, config)
+        app.sink(
+            listen, config, reload=FaultSource(fault_rules, faults_file) if faults_file else None
+        )
     except app.StartError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -182,6 +212,17 @@ class RecordingProblem(click.ClickException):
 
     def __init__(self, message: str) -> None:
         super().__init__(visible(message))
+
+
+def _fault_plan(rules: tuple[str, ...], file: Path | None) -> FaultPlan | None:
+    """The rules of ``--fault`` and ``--faults`` (checked by their callbacks),
+    or None when there are none: the plain path, with nothing to match."""
+    if not rules and file is None:
+        return None
+    try:
+        return FaultPlan(FaultSource(rules, file).load())
+    except FaultSyntaxError as exc:  # the file changed since its check
+        raise click.BadParameter(str(exc), param_hint="'--faults'") from None
 
 
 def _echo(text: str = "", err: bool = False) -> None:

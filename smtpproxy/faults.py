@@ -35,7 +35,9 @@ from .protocol import format_reply
 __all__ = [
     "ActionKind",
     "Fault",
+    "FaultFileError",
     "FaultPlan",
+    "FaultSource",
     "FaultSyntaxError",
     "Rule",
     "SessionFaults",
@@ -543,6 +545,18 @@ def load_rules(rules: Sequence[str] = (), file: Path | None = None) -> list[Rule
             )
         out.append(parse_rule(table["rule"]))
     return out
+
+
+@dataclass(frozen=True)
+class FaultSource:
+    """Where a process's rules come from (``--fault`` texts, ``--faults``
+    file), so a SIGHUP can read them again."""
+
+    rules: tuple[str, ...] = ()
+    file: Path | None = None
+
+    def load(self) -> list[Rule]:
+        return load_rules(self.rules, self.file)
 
 
 # --------------------------------------------------------------- the matcher

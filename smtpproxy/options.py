@@ -15,6 +15,7 @@ from typing import Any, Protocol, TypeVar
 
 import click
 
+from .faults import FaultSyntaxError, load_rules, parse_rule
 from .net import parse_hostport
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -54,7 +55,45 @@ def _file(exists: bool = True) -> click.Path:
     return click.Path(dir_okay=False, exists=exists, path_type=Path)
 
 
+def _fault_rules(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Each ``--fault`` parsed now, so a bad one stops the start (exit 2)."""
+    for text in value:
+        try:
+            parse_rule(text)
+        except FaultSyntaxError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def _fault_file(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    if value is not None:
+        try:
+            load_rules(file=value)
+        except FaultSyntaxError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
 # -- shared by several commands ------------------------------------------------
+
+
+fault = click.option(
+    "--fault",
+    "fault_rules",
+    multiple=True,
+    metavar="RULE",
+    callback=_fault_rules,
+    help="Fail a named step: '[SELECTOR ]STEP[#N]: ACTION[, OPTION=VALUE ...]', "
+    "e.g. 'rcpt#2: 452 4.5.3 Too many recipients' (repeatable; docs/faults.md).",
+)
+faults_file = click.option(
+    "--faults",
+    "faults_file",
+    type=_file(),
+    callback=_fault_file,
+    metavar="FILE",
+    help='TOML file of rules, one [[fault]] table each with rule = "..."; re-read on SIGHUP.',
+)
 
 
 def listen(port: int, help: str) -> Decorator:

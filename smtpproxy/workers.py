@@ -137,14 +137,19 @@ class WorkerGroup:
         self,
         work: Callable[[list[socket.socket]], Mapping[str, int]],
         ready: Callable[[], None] | None = None,
+        reload: Callable[[], bool] | None = None,
     ) -> bool:
         """Run ``work(sockets)`` in each worker until SIGINT, SIGTERM or SIGHUP, then
         wait for them all. ``ready`` runs once those signals are held for the
         supervisor (print the banner there: a signal sent as soon as it shows
         must not kill the parent by default action). The counts the workers
         return are summed into ``totals``; what went wrong is in
-        ``problems``. True when every worker ended cleanly."""
+        ``problems``. True when every worker ended cleanly. With ``reload``,
+        SIGHUP does not stop them: ``reload()`` runs here and, when it says
+        True, each worker gets the SIGHUP (``--faults FILE`` re-read)."""
         signals = stop_signals() | {signal.SIGCHLD}
+        if reload is not None:
+            signals.add(signal.SIGHUP)
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
         workers: dict[int, _Worker] = {}
         ok = True
@@ -162,7 +167,12 @@ class WorkerGroup:
                     if timeout
                     else signal.sigwaitinfo(signals)
                 )
-                if info is not None and info.si_signo != signal.SIGCHLD and stop_at is None:
+                if info is not None and info.si_signo == signal.SIGHUP and reload is not None:
+                    if stop_at is None and reload():
+                        for pid in workers:
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(pid, signal.SIGHUP)
+                elif info is not None and info.si_signo != signal.SIGCHLD and stop_at is None:
                     stop_at = time.monotonic()
                 if stop_at is not None:
                     # again every second: a worker still starting up ignores it
