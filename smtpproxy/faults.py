@@ -189,6 +189,7 @@ _OPTIONS = ("times", "p", "seed", "greylist", "rate")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 10**6, "mb": 10**6}
 _SIZE_UNITS |= {"mib": 1 << 20, "g": 10**9, "gb": 10**9, "gib": 1 << 30}
 _TIME_UNITS = {"ms": 0.001, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+_WORD = re.compile(r"\S+")
 _NUMBER_UNIT = re.compile(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)")
 
 
@@ -236,7 +237,7 @@ class _Scan:
 
 
 def _words(text: str, start: int, end: int) -> list[tuple[int, str]]:
-    return [(m.start(), m.group()) for m in re.finditer(r"\S+", text[:end]) if m.start() >= start]
+    return [(m.start(), m.group()) for m in _WORD.finditer(text, start, end)]
 
 
 def parse_size(value: str) -> int | None:
@@ -344,7 +345,7 @@ def parse_rule(text: str) -> Rule:
         raise scan.fail(step_at + len(name), f"unexpected {tail!r} after the step", example)
     fault_text, options_at = _split_options(text, colon + 1)
     fault = _parse_action(scan, name, colon + 1, fault_text, example)
-    opts = _parse_options(scan, options_at, example)
+    opts, cols = _parse_options(scan, options_at, example)
     rule = Rule(
         text=text.strip(), step=name, fault=fault, nth=nth, body_at=body_at,
         session=selectors.get("session"),  # type: ignore[arg-type]
@@ -353,7 +354,7 @@ def parse_rule(text: str) -> Rule:
     )  # fmt: skip
     if rule.greylist is not None and rule.fault.kind not in (ActionKind.REPLY, ActionKind.REPLACE):
         raise scan.fail(
-            options_at[0][0] if options_at else colon, "greylist= goes with a reply",
+            cols["greylist"], "greylist= goes with a reply",
             "rcpt: 451 4.7.1 Greylisted, greylist=60s",
         )  # fmt: skip
     return rule
@@ -461,8 +462,12 @@ def _parse_action(scan: _Scan, step: str, at: int, text: str, example: str) -> F
     return Fault(rule, kind)
 
 
-def _parse_options(scan: _Scan, parts: list[tuple[int, str]], example: str) -> dict[str, object]:
+def _parse_options(
+    scan: _Scan, parts: list[tuple[int, str]], example: str
+) -> tuple[dict[str, object], dict[str, int]]:
+    """The options' values, and where each starts (for later errors)."""
     out: dict[str, object] = {}
+    cols: dict[str, int] = {}
     for at, piece in parts:
         key, _, value = piece.partition("=")
         col = at + len(piece) - len(piece.lstrip())
@@ -477,6 +482,7 @@ def _parse_options(scan: _Scan, parts: list[tuple[int, str]], example: str) -> d
             )  # fmt: skip
         if name in out:
             raise scan.fail(col, f"option {name}= is given twice", example + ", times=2")
+        cols[name] = col
         match name:
             case "times" | "seed":
                 if not (value.isascii() and value.isdigit()) or (
@@ -508,8 +514,8 @@ def _parse_options(scan: _Scan, parts: list[tuple[int, str]], example: str) -> d
                                     "mail: 421 4.7.0 Too many messages, rate=100/min")  # fmt: skip
                 out["rate"] = (int(count), window)
     if "seed" in out and "p" not in out:
-        raise scan.fail(parts[0][0], "seed= goes with p=", example + ", p=0.05, seed=7")
-    return out
+        raise scan.fail(cols["seed"], "seed= goes with p=", example + ", p=0.05, seed=7")
+    return out, cols
 
 
 def load_rules(rules: Sequence[str] = (), file: Path | None = None) -> list[Rule]:
