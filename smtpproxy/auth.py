@@ -305,6 +305,11 @@ _CLEAN_AUTH = re.compile(
 )
 
 
+#: A run of characters a quoted secret is made of (base64, and the usual
+#: characters of passwords and tokens).
+_TOKEN = re.compile(r"[A-Za-z0-9+/=._~-]{6,}")
+
+
 class Redactor:
     """Takes passwords, tokens and CRAM-MD5 digests out of one session's
     events (``--redact``), in the decoded fields and in the raw bytes alike
@@ -393,20 +398,35 @@ class Redactor:
             if len(word) >= 4 and word not in self._secrets and len(self._secrets) < 64:
                 self._secrets.append(word)
 
+    def _scrub(self, text: str) -> str:
+        """``text`` with every quote of a remembered secret redacted: the
+        whole secret in any letter case, and any run of 6 or more of its
+        characters (a server that echoes the first 20 octets of a line it did
+        not know, as the embedded sink does, quotes a secret's prefix)."""
+        folded = [s.casefold() for s in self._secrets]
+        for secret in self._secrets:
+            text = re.sub(re.escape(secret), REDACTED, text, flags=re.IGNORECASE)
+
+        def quote(m: re.Match[str]) -> str:
+            word = m.group().casefold()
+            return REDACTED if any(word in s for s in folded) else m.group()
+
+        return _TOKEN.sub(quote, text)
+
     def _reply(self, ev: Reply) -> Event:
         command = ev.command
         if command is not None and command in self._verbs:
             command = REDACTED.upper()
         raw = ev.raw
         if self._secrets:
-            low = raw.decode("utf-8", "replace")
-            folded = low.casefold()
-            if any(s.casefold() in folded for s in self._secrets):
-                for s in self._secrets:
-                    low = re.sub(re.escape(s), REDACTED, low, flags=re.IGNORECASE)
-                raw = low.encode("utf-8")
-        if command == ev.command and raw is ev.raw:
-            return ev
+            text = raw.decode("utf-8", "replace")
+            scrubbed = self._scrub(text)
+            if scrubbed != text:
+                raw = scrubbed.encode("utf-8")
+        if raw is ev.raw:
+            # only the field naming the command changed: the bytes are the
+            # server's as sent, so ``show --raw`` keeps them
+            return ev if command == ev.command else replace(ev, command=command)
         lines = tuple(line[4:] for line in raw.decode("utf-8", "replace").splitlines())
         return replace(ev, raw=raw, command=command, lines=lines, flags=(*ev.flags, "redacted"))
 

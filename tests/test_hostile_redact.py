@@ -23,7 +23,9 @@ from conftest import (
 from rawpeers import Peer, RawUpstream, connect
 from test_recordings import run_cli
 
-from smtpproxy.events import AuthResult, Command
+from smtpproxy.events import AuthResult, Command, Reply
+from smtpproxy.recording import read_recording
+from smtpproxy.server import Sink
 
 USER, PASSWORD = "user@domain.com", "password"
 SECRET = "Tr0ub4dor&3-Secret"
@@ -148,7 +150,12 @@ async def test_base64_lines_after_a_refused_auth_do_not_leak_through_the_replies
             await wait_for_sessions(proxy.proxy, 1)
             nursery.cancel_scope.cancel()
     _assert_not_recorded(tmp_path, proxy, [SECRET.encode()])
-    assert b'"command":"<REDACTED>"' in proxy.recording_paths()[0].read_bytes()
+    path = proxy.recording_paths()[0]
+    assert b'"command":"<REDACTED>"' in path.read_bytes()
+    # aiosmtpd's 500 quotes the line it did not know (upper-cased): that
+    # quote is redacted, the rest of the reply kept
+    refused = [e for e in read_recording(path).events() if isinstance(e, Reply) and e.code == 500]
+    assert [e.raw for e in refused] == [b'500 Error: command "<redacted>" not recognized\r\n'] * 2
 
 
 async def test_a_server_that_echoes_the_refused_argument_does_not_leak_it(tmp_path: Path) -> None:
@@ -187,3 +194,32 @@ async def test_a_server_that_echoes_the_refused_argument_does_not_leak_it(tmp_pa
 async def _ehlo_reply(peer: Peer) -> None:
     assert (await peer.reply()).startswith(b"220")
     assert (await peer.reply()).startswith(b"250")
+
+
+async def test_a_server_that_quotes_a_prefix_of_the_line_does_not_leak_it(tmp_path: Path) -> None:
+    """The embedded sink answers a line it does not know with its first 20
+    octets, upper-cased: for a long password's base64 that is a prefix of
+    the secret. No run of 8 of its characters may stay, in any case."""
+    secret = _b64(b"correct-horse-battery-staple-" + SECRET.encode())
+    async with trio.open_nursery() as nursery:
+        sink = await nursery.start(Sink().serve)
+        proxy = await start_proxy(nursery, tmp_path, sink, redact=True)
+        peer = await connect(proxy.host, proxy.port)
+        await _ehlo(peer)
+        await peer.send(b"MAIL FROM:<a@example.org>\r\n")
+        assert (await peer.reply()).startswith(b"250")
+        # AUTH inside a transaction is refused (503); the answers become commands
+        await peer.send(b"AUTH LOGIN\r\n" + _b64(USER) + b"\r\n" + secret + b"\r\n")
+        replies = [await peer.reply() for _ in range(3)]
+        assert replies[2].startswith(b"500 5.5.2 command not recognized: " + secret[:20].upper())
+        await peer.send(b"QUIT\r\n")
+        await peer.reply()
+        await peer.close()
+        await wait_for_sessions(proxy.proxy, 1)
+        nursery.cancel_scope.cancel()
+    (path,) = proxy.recording_paths()
+    shown = run_cli(tmp_path, "show", "--json", str(path)).stdout.encode()
+    for where, blob in (("recording", path.read_bytes()), ("show --json", shown)):
+        low = blob.lower()
+        for i in range(len(secret) - 8):
+            assert secret[i : i + 8].lower() not in low, (where, secret[i : i + 8])
