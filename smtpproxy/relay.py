@@ -31,6 +31,7 @@ from .faults import FaultPlan
 from .net import connect_reason, format_address
 from .protocol import Conversation, format_reply
 from .recording import Recorder, new_session_id, note_in_place
+from .relayfaults import FaultSteps
 from .relaytls import TlsSteps
 from .render import Transcript
 from .streams import dial, receive, send_all
@@ -101,9 +102,10 @@ class _SendFailed(trio.BrokenResourceError):
         self.side = side
 
 
-class Session(TlsSteps):
+class Session(FaultSteps, TlsSteps):
     """One client connection and its upstream connection: relaying,
-    observing and closing (the TLS steps are ``TlsSteps``). ``open_upstream``
+    observing and closing (the TLS steps are ``TlsSteps``, fault rules
+    ``FaultSteps``). ``open_upstream``
     dials the upstream (tests give one that returns a memory stream)."""
 
     def __init__(
@@ -148,6 +150,10 @@ class Session(TlsSteps):
             )
         except OSError:
             self.peer = "?"
+        #: --fault rules are on: steps go on one at a time (smtpproxy/relayfaults.py)
+        self._faulty = cfg.faults is not None
+        if cfg.faults is not None:
+            self._init_faults(cfg.faults.session(self.peer))
 
     @property
     def transcript(self) -> Transcript:
@@ -299,6 +305,8 @@ class Session(TlsSteps):
                 return False
             self.conv.implicit_tls()
             self.observe([], call="implicit_tls")
+        if self._faulty and not await self._fault_connect():
+            return False
         if not await self._connect():
             return False
         if self.tls.implicit_upstream and not await self._upstream_handshake():
@@ -335,6 +343,8 @@ class Session(TlsSteps):
         self._done = {Side.CLIENT: False, Side.SERVER: False}
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
+            if self._faulty:
+                self._nursery = nursery
             nursery.start_soon(self._watchdog)
             nursery.start_soon(self._pump, Side.CLIENT)
             nursery.start_soon(self._pump, Side.SERVER)
@@ -419,12 +429,21 @@ class Session(TlsSteps):
         conv = self.conv
         other = side.other
         streams = self.streams
+        faulty = self._faulty
         try:
             while True:
                 data = await receive(streams[side])
                 if not data:
                     break
                 self._activity = now = trio.current_time()
+                if faulty:
+                    read = (
+                        self._fault_client_read if side is Side.CLIENT else self._fault_server_read
+                    )
+                    if not await read(data, now):
+                        self._scope.cancel()
+                        return
+                    continue
                 if side is Side.CLIENT:
                     self.tls.client_silent = False
                 self.observe(conv.feed(side, data), now, fed=(side, data))
@@ -456,7 +475,7 @@ class Session(TlsSteps):
             return
         # the client is done sending: pass the half-close on, and keep
         # reading the server's last replies
-        unsent = self.tls.take_unsent()
+        unsent = self._take_unsent() if faulty else self.tls.take_unsent()
         if unsent:
             await self._send(other, unsent)
         try:
@@ -470,6 +489,8 @@ class Session(TlsSteps):
         half sent (then the connection is just closed)."""
         if side is not Side.SERVER or self._last_server_code == 221 or self.conv.server_tls:
             return
+        if self._faulty and self._quiet_upstream:
+            return  # the proxy closed it for a fault, and has told the client
         if self.conv.partial_reply_bytes:
             return
         await self._reply_to_client(

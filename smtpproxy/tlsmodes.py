@@ -17,7 +17,7 @@ import re
 from .events import Command, Reply
 from .protocol import MAX_LINE
 
-__all__ = ["TlsArrangement", "UpstreamTls"]
+__all__ = ["TlsArrangement", "UpstreamTls", "rewrite_capabilities"]
 
 
 class UpstreamTls(enum.Enum):
@@ -37,8 +37,65 @@ class UpstreamTls(enum.Enum):
     PLAIN = "plain"
 
 
-#: a ``250-STARTTLS`` or ``250 STARTTLS`` line of an EHLO reply (RFC 3207 section 4)
-_STARTTLS_LINE = re.compile(rb"(?mi)^(250[ -])STARTTLS(?=[ \t]*\r?\n)")
+#: a capability line of an EHLO reply: ``250-KEYWORD params`` (RFC 5321 section 4.1.1.1)
+_CAPABILITY_LINE = re.compile(rb"(250[ -])([A-Za-z0-9][A-Za-z0-9-]*)([ \t][^\r\n]*)?(\r?\n)")
+
+
+def rewrite_capabilities(
+    data: bytes | bytearray,
+    *,
+    mask: frozenset[str] = frozenset(),
+    remove: frozenset[str] = frozenset(),
+    add: tuple[str, ...] = (),
+) -> tuple[bytes, int]:
+    """Rewrite the capability lines of an EHLO reply (RFC 5321 section
+    4.1.1.1: one keyword a line after the first) as the client will see them:
+    keywords in ``mask`` become an unknown keyword of the same length
+    (``STARTTLS`` -> ``XXXXXXXA``, so nothing else moves), lines whose
+    keyword is in ``remove`` go, and ``add`` keywords come before the last
+    line. ``data`` is whole lines; with ``remove`` or ``add`` it must be one
+    whole positive EHLO reply, whose first line (the server's name) is kept
+    and whose continuation marks are set again. Returns the bytes and how
+    many lines were changed."""
+    lines = bytes(data).splitlines(keepends=True)
+    whole = bool(remove or add)
+    out: list[bytes] = []
+    changed = 0
+    for i, line in enumerate(lines):
+        m = _CAPABILITY_LINE.fullmatch(line)
+        if m is None or (whole and i == 0):
+            out.append(line)
+            continue
+        keyword = m.group(2).decode("ascii").upper()
+        if keyword in remove:
+            changed += 1
+            continue
+        if keyword in mask:
+            changed += 1
+            line = m.group(1) + b"X" * (len(keyword) - 1) + b"A" + line[m.end(2) :]
+        out.append(line)
+    if not whole or not out:
+        return b"".join(out), changed
+    end = b"\r\n" if out[-1].endswith(b"\r\n") else b"\n"
+    last = out.pop() if len(out) > 1 else None
+    have = {_keyword(line) for line in out[1:]} | ({_keyword(last)} if last else set())
+    for keyword in add:
+        if keyword.upper() not in have:
+            out.append(b"250-" + keyword.encode("ascii") + end)
+            changed += 1
+    if last is not None:
+        out.append(last)
+    # every line but the last says more follows (RFC 5321 section 4.2.1)
+    fixed = [b"250-" + line[4:] for line in out[:-1]] + [b"250 " + out[-1][4:]]
+    return b"".join(fixed), changed
+
+
+def _keyword(line: bytes) -> str:
+    m = _CAPABILITY_LINE.fullmatch(line)
+    return m.group(2).decode("ascii").upper() if m else ""
+
+
+_STARTTLS = frozenset({"STARTTLS"})
 
 
 class TlsArrangement:
@@ -209,7 +266,7 @@ class TlsArrangement:
         data = self._strip_tail + data
         cut = data.rfind(b"\n") + 1
         self._strip_tail = data[cut:]
-        out, n = _STARTTLS_LINE.subn(rb"\1XXXXXXXA", data[:cut])
+        out, n = rewrite_capabilities(data[:cut], mask=_STARTTLS)
         first = bool(n) and not self.stripped
         if n:
             self.stripped = True

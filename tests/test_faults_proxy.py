@@ -1,0 +1,314 @@
+"""Fault rules applied by the proxy (``record --fault``), with real peers
+over loopback: smtplib and aiosmtpd, a raw upstream that keeps every byte it
+got, and Postfix with swaks. Each test checks what users rely on: what the
+client was told, what the server received, what the recording holds.
+Every wait is bounded (``trio.fail_after`` or the clients' own timeouts)."""
+
+from __future__ import annotations
+
+import smtplib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from conftest import (
+    RunningProxy,
+    run_aiosmtpd,
+    start_proxy,
+    wait_for_sessions,
+)
+from rawpeers import TIMEOUT, Peer, RawUpstream, connect, only_recording
+
+from smtpproxy.events import Command, Note, NoteKind, Reply
+from smtpproxy.faults import FaultPlan, parse_rule
+from smtpproxy.recording import Recording
+
+RCPTS = ["a@example.net", "b@example.net", "c@example.net"]
+MESSAGE = b"From: ann@example.org\r\nSubject: faults\r\n\r\nhello\r\n"
+
+
+def plan(*rules: str) -> FaultPlan:
+    return FaultPlan([parse_rule(r) for r in rules])
+
+
+def fault_notes(rec: Recording) -> list[Note]:
+    return [e for e in rec.events() if isinstance(e, Note) and e.kind == NoteKind.FAULT]
+
+
+async def in_thread(fn: Callable[[], Any]) -> Any:
+    with trio.fail_after(30):
+        return await trio.to_thread.run_sync(fn)
+
+
+async def with_proxy(
+    tmp_path: Path, upstream: tuple[str, int], rules: tuple[str, ...], client: Callable[[int], Any]
+) -> tuple[Any, Recording, RunningProxy]:
+    """Run ``client(port)`` in a thread through a proxy with ``rules`` in
+    front of ``upstream``; its result, the recording and the proxy."""
+    async with trio.open_nursery() as nursery:
+        proxy = await start_proxy(nursery, tmp_path, upstream, faults=plan(*rules))
+        result = await in_thread(lambda: client(proxy.port))
+        await wait_for_sessions(proxy.proxy, 1)
+        nursery.cancel_scope.cancel()
+    return result, only_recording(proxy.recordings), proxy
+
+
+# -- smtplib and aiosmtpd ---------------------------------------------------------
+
+
+def send_three(port: int) -> dict[str, tuple[int, bytes]]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        return client.sendmail("ann@example.org", RCPTS, MESSAGE)  # type: ignore[return-value]
+
+
+async def test_second_rcpt_refused(tmp_path: Path) -> None:
+    with run_aiosmtpd() as server:
+        refused, rec, proxy = await with_proxy(
+            tmp_path,
+            server.address,
+            ("rcpt#2: 452 4.5.3 Too many recipients",),
+            send_three,
+        )
+        (got,) = server.received.messages
+    assert refused == {"b@example.net": (452, b"4.5.3 Too many recipients")}
+    assert got["to"] == ["a@example.net", "c@example.net"]
+    (note,) = fault_notes(rec)
+    assert "rcpt#2: 452 4.5.3 Too many recipients" in note.text
+    assert note.raw == b"452 4.5.3 Too many recipients\r\n"
+    # the recording holds the proxy's 452 (the note) between the server's two 250s
+    answers = [
+        e.code if isinstance(e, Reply) else e.raw[:3]
+        for e in rec.events()
+        if (isinstance(e, Reply) and e.command == "RCPT") or e is note
+    ]
+    assert answers == [250, b"452", 250]
+    assert "!! fault rcpt#2: 452 4.5.3 Too many recipients" in proxy.transcript()
+
+
+async def test_dot_reply_withholds_the_message(tmp_path: Path) -> None:
+    def client(port: int) -> BaseException | None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            try:
+                smtp.sendmail("ann@example.org", RCPTS[:1], MESSAGE)
+            except smtplib.SMTPDataError as exc:
+                return exc
+        return None
+
+    async with trio.open_nursery() as nursery:
+        upstream = await RawUpstream().start(nursery)
+        proxy = await start_proxy(
+            nursery, tmp_path, upstream.address, faults=plan("dot: 451 4.3.0 Try later")
+        )
+        outcome: list[BaseException | None] = []
+
+        async def run_client() -> None:
+            outcome.append(await in_thread(lambda: client(proxy.port)))
+
+        nursery.start_soon(run_client)
+        server = await upstream.accept()
+        await serve_until_dot(server)
+        # the body came, not its end; then the proxy closed the connection
+        body = await server.to_eof()
+        await server.close()
+        await wait_for_sessions(proxy.proxy, 1)
+        nursery.cancel_scope.cancel()
+    (exc,) = outcome
+    assert isinstance(exc, smtplib.SMTPDataError)
+    assert (exc.smtp_code, exc.smtp_error) == (451, b"4.3.0 Try later")
+    assert body == MESSAGE  # everything but the final ".\r\n"
+    rec = only_recording(proxy.recordings)
+    (note,) = fault_notes(rec)
+    assert "withheld" in note.text and "no message is delivered" in note.text
+    assert rec.close is not None and rec.close.by == "proxy"
+
+
+async def serve_until_dot(server: Peer) -> None:
+    """Play a server up to DATA's 354 for one recipient (what the proxy forwards)."""
+    await server.send(b"220 raw.test ESMTP\r\n")
+    await server.until(b"\r\n")  # EHLO
+    await server.send(b"250-raw.test\r\n250 PIPELINING\r\n")
+    await server.until(b"\r\n")  # smtplib's "mail FROM:..."
+    await server.send(b"250 2.1.0 ok\r\n")
+    await server.until(b"\r\n")
+    await server.send(b"250 2.1.5 ok\r\n")
+    await server.until(b"data\r\n")
+    await server.send(b"354 go on\r\n")
+
+
+async def test_dot_replace_the_server_has_the_message(tmp_path: Path) -> None:
+    def client(port: int) -> BaseException | None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            try:
+                smtp.sendmail("ann@example.org", RCPTS[:1], MESSAGE)
+            except smtplib.SMTPDataError as exc:
+                return exc
+        return None
+
+    with run_aiosmtpd() as server:
+        exc, rec, _ = await with_proxy(
+            tmp_path, server.address, ("dot: replace 451 4.3.0 Lost",), client
+        )
+        messages = server.received.messages
+    assert isinstance(exc, smtplib.SMTPDataError) and exc.smtp_code == 451
+    assert len(messages) == 1 and messages[0]["to"] == RCPTS[:1]
+    (final,) = [e for e in rec.events() if isinstance(e, Reply) and e.ends_message]
+    assert final.code == 250  # what the server said
+    (note,) = fault_notes(rec)
+    assert note.raw == b"451 4.3.0 Lost\r\n"
+    assert "the server accepted the message" in note.text
+
+
+async def test_ehlo_remove(tmp_path: Path) -> None:
+    def client(port: int) -> dict[str, str]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            smtp.ehlo()
+            return dict(smtp.esmtp_features)
+
+    with run_aiosmtpd(enable_SMTPUTF8=True) as server:
+        features, rec, _ = await with_proxy(
+            tmp_path, server.address, ("ehlo: remove 8BITMIME SMTPUTF8",), client
+        )
+    assert "8bitmime" not in features and "smtputf8" not in features
+    assert "size" in features
+    (ehlo,) = [e for e in rec.events() if isinstance(e, Reply) and e.command == "EHLO"]
+    assert ehlo.capabilities is not None
+    assert {"8BITMIME", "SMTPUTF8"} <= set(ehlo.capabilities)  # the server's real reply
+    (note,) = fault_notes(rec)
+    assert b"8BITMIME" not in note.raw and note.raw.startswith(b"250-")
+
+
+async def test_ehlo_add(tmp_path: Path) -> None:
+    def client(port: int) -> dict[str, str]:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            smtp.ehlo()
+            return dict(smtp.esmtp_features)
+
+    with run_aiosmtpd() as server:
+        features, _, _ = await with_proxy(tmp_path, server.address, ("ehlo: add CHUNKING",), client)
+    assert "chunking" in features
+
+
+async def test_connect_reply(tmp_path: Path) -> None:
+    def client(port: int) -> BaseException | None:
+        try:
+            smtplib.SMTP("127.0.0.1", port, timeout=10)
+        except smtplib.SMTPConnectError as exc:
+            return exc
+        return None
+
+    with run_aiosmtpd() as server:
+        exc, rec, _ = await with_proxy(
+            tmp_path, server.address, ("connect: 421 4.3.2 busy",), client
+        )
+    assert isinstance(exc, smtplib.SMTPConnectError)
+    assert (exc.smtp_code, exc.smtp_error) == (421, b"4.3.2 busy")
+    (note,) = fault_notes(rec)
+    assert note.raw == b"421 4.3.2 busy\r\n"
+    assert rec.close is not None and rec.close.by == "proxy"
+
+
+async def test_mail_close(tmp_path: Path) -> None:
+    def client(port: int) -> BaseException | None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            try:
+                smtp.sendmail("ann@example.org", RCPTS, MESSAGE)
+            except smtplib.SMTPServerDisconnected as exc:
+                return exc
+        return None
+
+    with run_aiosmtpd() as server:
+        exc, rec, _ = await with_proxy(tmp_path, server.address, ("mail: close",), client)
+        assert server.received.messages == []
+    assert isinstance(exc, smtplib.SMTPServerDisconnected)
+    assert rec.close is not None and rec.close.by == "proxy"
+    (note,) = fault_notes(rec)
+    assert "closed the client's connection at MAIL" in note.text
+    # MAIL never reached the server: it is the last command, and unanswered
+    commands = [e.verb for e in rec.events() if isinstance(e, Command)]
+    assert commands[-1] == "MAIL"
+
+
+async def test_rcpt_delay(tmp_path: Path) -> None:
+    with run_aiosmtpd() as server:
+        start = trio.current_time()
+        refused, rec, _ = await with_proxy(
+            tmp_path, server.address, ("rcpt: delay 1s",), send_three
+        )
+        took = trio.current_time() - start
+        assert len(server.received.messages) == 1
+    assert refused == {}
+    assert took >= 1.0  # each RCPT waited a second: at least one did
+    assert len(fault_notes(rec)) == 3
+
+
+async def test_quit_reset(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        with run_aiosmtpd() as server:
+            proxy = await start_proxy(nursery, tmp_path, server.address, faults=plan("quit: reset"))
+            client = await connect(proxy.host, proxy.port)
+            await client.reply()
+            await client.send(b"EHLO c.test\r\n")
+            await client.reply()
+            await client.send(b"QUIT\r\n")
+            with trio.fail_after(TIMEOUT):
+                with pytest.raises(trio.BrokenResourceError) as caught:
+                    while await client.stream.receive_some(1024):
+                        pass
+            await client.close()
+            await wait_for_sessions(proxy.proxy, 1)
+        nursery.cancel_scope.cancel()
+    assert isinstance(caught.value.__cause__, ConnectionResetError)
+    (note,) = fault_notes(only_recording(proxy.recordings))
+    assert "RST" in note.text
+
+
+# -- byte for byte ---------------------------------------------------------------------
+
+SESSION = (
+    b"EHLO c.test\r\n",
+    b"MAIL FROM:<ann@example.org>\r\nRCPT TO:<a@example.net>\r\nDATA\r\n",
+    b"Subject: x\r\n\r\n.leading dot\r\nbody\r\n.\r\nQUIT\r\n",
+)
+SERVER_SAYS = (
+    b"250-raw.test\r\n250 PIPELINING\r\n",
+    b"250 ok\r\n250 ok\r\n354 go\r\n",
+    b"250 queued\r\n221 bye\r\n",
+)
+
+
+async def relay_session(tmp_path: Path, faults: FaultPlan | None) -> tuple[bytes, bytes]:
+    """A scripted session through the proxy to a raw upstream, the client's
+    writes split at awkward places; what the server and the client got."""
+    async with trio.open_nursery() as nursery:
+        upstream = await RawUpstream().start(nursery)
+        proxy = await start_proxy(nursery, tmp_path, upstream.address, faults=faults)
+        client = await connect(proxy.host, proxy.port)
+        server = await upstream.accept()
+        await server.send(b"220 raw.test\r\n")
+        await client.reply()
+        for i, (said, answer) in enumerate(zip(SESSION, SERVER_SAYS, strict=True)):
+            cut = len(said) // 2 + i  # a line split across two reads
+            await client.send(said[:cut])
+            await trio.sleep(0.05)  # two reads, not one: not a wait for a peer
+            await client.send(said[cut:])
+            await server.until(said[-6:])
+            await server.send(answer)
+            await client.until(answer[-8:])
+        await client.close()
+        await server.to_eof()
+        await server.close()
+        await wait_for_sessions(proxy.proxy, 1)
+        nursery.cancel_scope.cancel()
+    return bytes(server.got), bytes(client.got)
+
+
+async def test_unmatched_rules_relay_byte_for_byte(tmp_path: Path) -> None:
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "rules").mkdir()
+    plain = await relay_session(tmp_path / "plain", None)
+    rules = plan("rcpt#5: 452 4.5.3 no", "session#9 mail: close", "to=*@nowhere.test dot: stall")
+    faulty = await relay_session(tmp_path / "rules", rules)
+    assert faulty == plain
+    assert plain[0] == b"".join(SESSION)
