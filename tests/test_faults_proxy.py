@@ -6,21 +6,29 @@ Every wait is bounded (``trio.fail_after`` or the clients' own timeouts)."""
 
 from __future__ import annotations
 
+import re
 import smtplib
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from click.testing import CliRunner
 from conftest import (
     RunningProxy,
     run_aiosmtpd,
     start_proxy,
+    swaks_argv,
     wait_for_sessions,
 )
 from rawpeers import TIMEOUT, Peer, RawUpstream, connect, only_recording
+from servers import Server, postfix_server, server_ca
 
+__all__ = ["postfix_server", "server_ca"]  # fixtures
+
+from smtpproxy.cli import main
 from smtpproxy.events import Command, Note, NoteKind, Reply
 from smtpproxy.faults import FaultPlan, parse_rule
 from smtpproxy.recording import Recording
@@ -85,6 +93,10 @@ async def test_second_rcpt_refused(tmp_path: Path) -> None:
     ]
     assert answers == [250, b"452", 250]
     assert "!! fault rcpt#2: 452 4.5.3 Too many recipients" in proxy.transcript()
+    (path,) = proxy.recording_paths()
+    shown = CliRunner().invoke(main, ["show", str(path)])
+    assert shown.exit_code == 0, shown.output
+    assert "!! fault rcpt#2: 452 4.5.3 Too many recipients: proxy answered RCPT" in shown.output
 
 
 async def test_dot_reply_withholds_the_message(tmp_path: Path) -> None:
@@ -312,3 +324,74 @@ async def test_unmatched_rules_relay_byte_for_byte(tmp_path: Path) -> None:
     faulty = await relay_session(tmp_path / "rules", rules)
     assert faulty == plain
     assert plain[0] == b"".join(SESSION)
+
+
+# -- Postfix and swaks -------------------------------------------------------------------
+
+
+async def swaks_through(
+    tmp_path: Path, server: Server, rules: tuple[str, ...], *args: str
+) -> tuple[int, str, Recording]:
+    """swaks through a proxy with ``rules`` to ``server``: its exit code,
+    its output and the recording."""
+    message = tmp_path / "message.eml"
+    message.write_bytes(MESSAGE)
+    async with trio.open_nursery() as nursery:
+        proxy = await start_proxy(nursery, tmp_path, server.address, faults=plan(*rules))
+        with trio.fail_after(30):
+            done = await trio.run_process(
+                swaks_argv("127.0.0.1", proxy.port, message, *args),
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        await wait_for_sessions(proxy.proxy, 1)
+        nursery.cancel_scope.cancel()
+    text = (done.stdout + done.stderr).decode("utf-8", "replace")
+    return done.returncode, text, only_recording(proxy.recordings)
+
+
+def postfix_recipients(server: Server, final_reply: str) -> list[str]:
+    """The recipients of the message Postfix keeps on hold (its envelope)."""
+    match = re.search(r"queued as ([0-9A-Za-z]+)", final_reply)
+    assert match is not None, final_reply
+    done = subprocess.run(
+        ["postcat", "-c", str(server.base / "conf"), "-e", "-q", match.group(1)],
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )
+    return re.findall(r"(?m)^recipient: (\S+)$", done.stdout.decode())
+
+
+@pytest.mark.peer("postfix")
+@pytest.mark.peer("swaks")
+async def test_swaks_postfix_second_rcpt_refused(tmp_path: Path, postfix_server: Server) -> None:
+    code, text, rec = await swaks_through(
+        tmp_path,
+        postfix_server,
+        ("rcpt#2: 452 4.5.3 Too many recipients",),
+        "--to",
+        ",".join(RCPTS),
+    )
+    assert code == 0, text  # swaks goes on when one recipient of several is refused
+    assert "<** 452 4.5.3 Too many recipients" in text
+    (final,) = [e for e in rec.events() if isinstance(e, Reply) and e.ends_message]
+    assert final.code == 250, text
+    assert postfix_recipients(postfix_server, final.text) == [RCPTS[0], RCPTS[2]]
+    (note,) = fault_notes(rec)
+    assert note.raw == b"452 4.5.3 Too many recipients\r\n"
+
+
+@pytest.mark.peer("postfix")
+@pytest.mark.peer("swaks")
+async def test_swaks_tls_starttls_refused(tmp_path: Path, postfix_server: Server) -> None:
+    code, text, rec = await swaks_through(
+        tmp_path, postfix_server, ("starttls: 454 4.7.0 TLS not available",), "--tls"
+    )
+    assert code == 29, text  # swaks: "TLS negotiation failed"
+    assert "<** 454 4.7.0 TLS not available" in text
+    verbs = [e.verb for e in rec.events() if isinstance(e, Command)]
+    assert verbs[:2] == ["EHLO", "STARTTLS"] and "MAIL" not in verbs
+    (note,) = fault_notes(rec)
+    assert "starttls: 454 4.7.0 TLS not available" in note.text
