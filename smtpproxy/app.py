@@ -254,7 +254,8 @@ def _record_in_workers(
         return dataclasses.asdict(proxy.stats)
 
     def check() -> bool:
-        return reload is not None and _reload_faults(None, reload)
+        # the parent's plan too: a worker started again later inherits it
+        return reload is not None and _reload_faults(config.faults, reload)
 
     ok = group.run(
         work,

@@ -297,3 +297,24 @@ async def test_bdat_last_answered_by_the_dot_rule(nursery: trio.Nursery) -> None
         "!! fault dot#1: 452 4.3.1 Out of space: answered 452 4.3.1 Out of space; the message was not accepted"
         in out.getvalue()
     )
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_record_rereads_the_faults_file_on_sighup(tmp_path: Path, workers: int) -> None:
+    rules = tmp_path / "faults.toml"
+    write_rules(rules, "mail: 451 4.3.0 First rules")
+    with smtpproxy_process("sink", "--listen", "127.0.0.1:0", cwd=tmp_path) as upstream:
+        args = [
+            "record", "--listen", "127.0.0.1:0", "--recordings", str(tmp_path / "rec"),
+            "--upstream", f"{upstream.host}:{upstream.port}", "--upstream-tls", "plain",
+            "--workers", str(workers), "--faults", str(rules),
+        ]  # fmt: skip
+        with smtpproxy_process(*args, cwd=tmp_path) as proxy:
+            write_rules(rules, "mail: 452 4.3.1 Second rules", "rcpt: 452 4.5.3 No")
+            proxy.proc.send_signal(signal.SIGHUP)
+            proxy._wait(proxy.err, b"SIGHUP: 2 fault rule(s) read", TIMEOUT)
+            assert proxy.proc.poll() is None  # reloaded, not stopped
+            done = proxy.finish(signal.SIGTERM)
+        upstream.finish(signal.SIGINT)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
