@@ -40,7 +40,7 @@ from .events import (
     Side,
     TlsStart,
 )
-from .faults import ActionKind, Fault, SessionFaults
+from .faults import ActionKind, Fault, FaultPlan, SessionFaults
 from .protocol import GREETING, StepCounter, parse_args
 from .tlsmodes import rewrite_capabilities
 
@@ -55,18 +55,19 @@ __all__ = ["FaultSteps", "ThrottledStream", "unsupported"]
 #: the end of a DATA body the proxy withholds (RFC 5321 section 4.1.1.4)
 _DOT = b".\r\n"
 #: actions the proxy does not apply yet (``record`` refuses them at start)
-_UNSUPPORTED = frozenset({ActionKind.TLS_ABORT, ActionKind.TLS_CERT})
+_UNSUPPORTED = frozenset({ActionKind.TLS_CERT})
 _STARTTLS = frozenset({"STARTTLS"})
 
 
-def unsupported(faults: list[str], kinds: list[ActionKind]) -> str | None:
-    """A one-line refusal for rules whose action the proxy cannot apply, or
-    None. ``faults``: the rules' texts, ``kinds``: their actions."""
-    for text, kind in zip(faults, kinds, strict=True):
-        if kind in _UNSUPPORTED:
+def unsupported(plan: FaultPlan) -> str | None:
+    """A one-line refusal for a rule whose action the proxy does not apply
+    (``tls: cert ...``: the proxy shows its own leaf certificates), or None:
+    ``record`` refuses it at start rather than let it never fire."""
+    for rule in plan.rules:
+        if rule.fault.kind in _UNSUPPORTED:
             return (
-                f"fault rule {text!r}: 'tls: {kind.value}' is not applied by 'record' yet "
-                "(the embedded server 'sink' applies it); drop the rule or use 'sink'"
+                f"fault rule {rule.text!r}: 'record' does not show bad certificates yet; "
+                "'tls: abort' works, or drop the rule"
             )
     return None
 
@@ -566,6 +567,23 @@ class FaultSteps:
         return bytes(raw), True
 
     # -- the connection --------------------------------------------------------
+
+    async def _fault_tls(self) -> bool:
+        """``tls``: before the client's TLS handshake (implicit or after
+        STARTTLS). ``abort``: the proxy closes the connection instead of
+        answering the client's hello, so its handshake fails. False: the
+        session ends here."""
+        fault = self.faults.step("tls", nth=self._counter.tls + 1)
+        if fault is None:
+            return True
+        if fault.kind is ActionKind.TLS_ABORT:
+            self._fired(fault, "aborted the client's TLS handshake (connection closed)")
+            self._end("proxy", f"fault {fault.rule}: TLS handshake aborted")
+            return False
+        if fault.kind is ActionKind.TLS_CERT:
+            self._fired(fault, "not applied: the proxy shows only its own certificates")
+            return True
+        return await self._connection_fault(fault, "before the TLS handshake")
 
     async def _fault_connect(self) -> bool:
         """``connect``: before the upstream is dialled. False: the session

@@ -59,12 +59,18 @@ class TlsSteps:
 
         async def _reply_to_client(self, code: int, text: str, kind: NoteKind) -> None: ...
 
+        _faulty: bool
+
+        async def _fault_tls(self) -> bool: ...
+
     # -- the handshakes ------------------------------------------------------
 
     async def _client_handshake(self) -> bool:
         """Shake hands with the client as a TLS server."""
         cfg = self.proxy.config
         contexts = cfg.server_contexts
+        if self._faulty and not await self._fault_tls():
+            return False
         if contexts is None:
             self._end("proxy", "TLS requested but no certificate is configured")
             self.observe([Note(Side.CLIENT, NoteKind.TLS_ERROR, self.reason)])

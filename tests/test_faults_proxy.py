@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import smtplib
+import ssl
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,7 @@ from smtpproxy.cli import main
 from smtpproxy.events import Command, Note, NoteKind, Reply
 from smtpproxy.faults import FaultPlan, parse_rule
 from smtpproxy.recording import Recording
+from smtpproxy.tls import CertificateAuthority, ServerContexts
 
 RCPTS = ["a@example.net", "b@example.net", "c@example.net"]
 MESSAGE = b"From: ann@example.org\r\nSubject: faults\r\n\r\nhello\r\n"
@@ -395,3 +397,39 @@ async def test_swaks_tls_starttls_refused(tmp_path: Path, postfix_server: Server
     assert verbs[:2] == ["EHLO", "STARTTLS"] and "MAIL" not in verbs
     (note,) = fault_notes(rec)
     assert "starttls: 454 4.7.0 TLS not available" in note.text
+
+
+async def test_tls_abort(tmp_path: Path) -> None:
+    """``tls: abort`` on an implicit-TLS listener: the client's handshake
+    fails, nothing is dialled upstream."""
+    contexts = ServerContexts(["127.0.0.1"], ca=CertificateAuthority.load_or_create(tmp_path))
+
+    def client(port: int) -> BaseException | None:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        try:
+            smtplib.SMTP_SSL("127.0.0.1", port, timeout=10, context=context)
+        except (OSError, smtplib.SMTPServerDisconnected) as exc:
+            return exc
+        return None
+
+    async with trio.open_nursery() as nursery:
+        upstream = await RawUpstream().start(nursery)
+        proxy = await start_proxy(
+            nursery,
+            tmp_path,
+            upstream.address,
+            faults=plan("tls: abort"),
+            listen_tls=True,
+            server_contexts=contexts,
+        )
+        exc = await in_thread(lambda: client(proxy.port))
+        await wait_for_sessions(proxy.proxy, 1)
+        nursery.cancel_scope.cancel()
+    assert exc is not None
+    assert upstream.peers == []
+    rec = only_recording(proxy.recordings)
+    (note,) = fault_notes(rec)
+    assert "aborted the client's TLS handshake" in note.text
+    assert rec.close is not None and rec.close.by == "proxy"
