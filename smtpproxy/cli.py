@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 import trio
 
-from . import __version__, app, options
+from . import __version__, app, options, relayfaults
 from .diff import diff_sessions, exchanges_of, format_unified, tls_facts
 from .events import Side
 from .export import ExportFailed, ExportRefused, export_all
@@ -107,6 +107,10 @@ def record(
     """
     if key is not None and cert is None:
         raise click.UsageError("--key goes with --cert")
+    plan = _fault_plan(fault_rules, faults_file)
+    refusal = relayfaults.unsupported(plan) if plan is not None else None
+    if refusal is not None:
+        raise click.UsageError(refusal)
     config = ProxyConfig(
         listen=listen,
         upstream=upstream or ("127.0.0.1", 0),
@@ -121,7 +125,7 @@ def record(
         upstream_tls=UpstreamTls(upstream_tls),
         strip_starttls=strip_starttls,
         redact=redact,
-        faults=_fault_plan(fault_rules, faults_file),
+        faults=plan,
     )
     tls = app.TlsFiles(
         cert=cert,
