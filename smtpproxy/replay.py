@@ -241,7 +241,13 @@ class _Replayer:
                 pass
 
     def _step(self, ex: Exchange, reply: Reply | None, note: str | None = None) -> Step:
-        step = Step(ex, reply, True, compare_replies(ex.reply, reply, self.opts.strict), note)
+        reasons = compare_replies(ex.reply, reply, self.opts.strict)
+        if ex.injected is not None:
+            # the client got the proxy's reply, not the server's: nothing of the
+            # server's to compare with (a fault rule's reply, docs/faults.md)
+            said = f"the recorded reply was the proxy's: {ex.injected.text}"
+            note, reasons = f"{said}; {note}" if note else said, []
+        step = Step(ex, reply, True, reasons, note)
         step.index = self._index.get(id(ex))
         self.result.steps.append(step)
         return step

@@ -433,3 +433,33 @@ async def test_tls_abort(tmp_path: Path) -> None:
     (note,) = fault_notes(rec)
     assert "aborted the client's TLS handshake" in note.text
     assert rec.close is not None and rec.close.by == "proxy"
+
+
+async def test_replay_says_which_recorded_replies_were_injected(tmp_path: Path) -> None:
+    """A session recorded under ``rcpt#2: 452``, replayed against the same
+    kind of server: the 452 was the proxy's, so replay sends that RCPT, shows
+    what the server says, names the fault, and counts no difference."""
+    with run_aiosmtpd() as server:
+        _, rec, _ = await with_proxy(
+            tmp_path, server.address, ("rcpt#2: 452 4.5.3 Too many recipients",), send_three
+        )
+        from smtpproxy.protocol import exchanges
+
+        (injected,) = [ex for ex in exchanges(rec.events()) if ex.injected is not None]
+        assert (injected.verb, injected.position.nth, injected.reply and injected.reply.code) == (
+            "RCPT",
+            2,
+            452,
+        )
+        done = await in_thread(
+            lambda: CliRunner().invoke(
+                main, ["replay", str(rec.path), "--to", f"127.0.0.1:{server.address[1]}"]
+            )
+        )
+        assert len(server.received.messages) == 2  # the replay delivered to all three
+        assert server.received.messages[1]["to"] == RCPTS
+    assert done.exit_code == 0, done.output
+    assert (
+        "== the recorded reply was the proxy's: fault rcpt#2: 452 4.5.3 Too many recipients"
+        in done.output
+    )

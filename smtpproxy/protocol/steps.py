@@ -29,11 +29,13 @@ from ..events import (
     Event,
     MessageData,
     MessageEnd,
+    Note,
     Reply,
+    Side,
     TlsEstablished,
     TlsStart,
 )
-from .text import parse_path
+from .text import parse_path, reply_fields
 
 __all__ = [
     "GREETING",
@@ -166,6 +168,10 @@ class Exchange:
     command: Command | None = None
     args: Args = _NO_ARGS
     position: Position = Position()
+    #: the reply the client got was the proxy's, not the server's (a fault
+    #: rule's reply, a STARTTLS it answered, its 421): the note that says so;
+    #: ``reply`` then holds what the proxy sent
+    injected: Note | None = None
 
     @property
     def chunk(self) -> bytes:
@@ -273,6 +279,11 @@ def exchanges(events: Iterable[Event], times: Iterable[float] | None = None) -> 
             case TlsEstablished():
                 if implicit and count.tls == 0:  # handshakes before any SMTP: RFC 8314
                     count.tls = 1
+            case Note(side=Side.SERVER) if ev.raw and unanswered:
+                ex = unanswered.pop(0)
+                ex.injected = ev
+                if ev.raw[:3].isdigit():
+                    ex.reply = Reply(ev.raw, **reply_fields(ev.raw))  # type: ignore[arg-type]
             case Reply(command=cmd) if cmd == GREETING:
                 implicit = False
                 out.append(
