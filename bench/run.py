@@ -10,6 +10,7 @@ Hops compared side by side in one run, interleaved (A B C D, B C D A, ...):
   smtpproxy smtpproxy record --quiet, recording to a scratch folder (its
             default: one worker process per core)
   1worker   the same with --workers 1: one process, as the trio relay is
+  faults    smtpproxy with ten --fault rules that never fire
 
 Only the two Postfix test binaries are used (Debian package postfix); the
 Postfix daemon is not started. Every message must reach the sink (its counter
@@ -45,8 +46,23 @@ WORKLOADS = {
     "conn": dict(sessions=500, messages=20000, size=1024, reuse=False),
     "lat": dict(sessions=1, messages=20000, size=1024, reuse=True),
 }
-HOPS = ["direct", "socat", "trio", "smtpproxy", "1worker"]
-PROXIES = ("smtpproxy", "1worker")
+HOPS = ["direct", "socat", "trio", "smtpproxy", "1worker", "faults"]
+PROXIES = ("smtpproxy", "1worker", "faults")
+#: ``faults``: smtpproxy with ten --fault rules that name steps every session
+#: has but never fire (docs/faults.md: a rule that never fires costs nothing
+#: measurable); compare it with ``smtpproxy`` in the same run
+IDLE_RULES = [
+    "client=203.0.113.1 rcpt: 452 4.5.3 never",
+    "from=nobody@invalid.example mail: 550 5.7.1 never",
+    "helo=nohost.invalid ehlo: 421 4.3.2 never",
+    "session#100000000 data: 451 4.3.0 never",
+    "rcpt#100000: 452 4.5.3 never",
+    "message#100000 dot: 451 4.3.0 never",
+    "to=*@invalid.example rcpt: 550 5.1.1 never",
+    "user=nobody auth: 535 5.7.8 never",
+    "client=203.0.113.2 quit: close",
+    "session#100000000 connect: 421 4.3.2 never",
+]
 
 
 def free_port() -> int:
@@ -161,6 +177,8 @@ def one_run(hop: str, wl: dict, scratch: Path) -> Run:
                 ]
                 if hop == "1worker":
                     cmd += ["--workers", "1"]
+                if hop == "faults":
+                    cmd += [arg for rule in IDLE_RULES for arg in ("--fault", rule)]
             hop_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wait_listening(target, hop_proc)
         src = [
