@@ -210,7 +210,9 @@ class _Replayer:
             self._proxy_starttls = self.opts.tls == "auto" and upstream == "proxy-starttls"
             await self._follow(exs)
         except _Stop as stop:
-            self.result.steps.append(Step(Exchange("command", "<stop>"), None, False, [str(stop)]))
+            self.result.steps.append(
+                Step(Exchange(StepKind.COMMAND, "<stop>"), None, False, [str(stop)])
+            )
             if isinstance(stop, _Unusable):
                 self.result.error = str(stop)
             await self._quit()
@@ -260,7 +262,7 @@ class _Replayer:
     async def _added(self, verb: str, note: str) -> Reply:
         """Send a command the recording does not have (a step of its own,
         not compared); stop if the target does not answer."""
-        ex = Exchange("command", verb, verb.encode("ascii") + b"\r\n")
+        ex = Exchange(StepKind.COMMAND, verb, verb.encode("ascii") + b"\r\n")
         await self._send(ex.client)
         reply = await self._reply()
         self.result.steps.append(Step(ex, reply, True, [], note))
@@ -274,23 +276,23 @@ class _Replayer:
         n = len(exs)
         while i < n:
             ex = exs[i]
-            if ex.kind == "greeting":
+            if ex.kind == StepKind.GREETING:
                 reply = await self._reply()
                 self._step(ex, reply)
                 if reply is None:
                     raise _Stop("the target closed the connection")
                 i += 1
                 continue
-            if ex.kind == "unsolicited":
+            if ex.kind == StepKind.UNSOLICITED:
                 i += 1
                 continue
-            if ex.kind == "body":
+            if ex.kind == StepKind.BODY:
                 i = await self._data_body(exs, i)
                 continue
-            if ex.kind == "command" and ex.verb == "DATA" and self._cut_short(exs, i):
+            if ex.kind == StepKind.COMMAND and ex.verb == "DATA" and self._cut_short(exs, i):
                 i = await self._drop_data(exs, i)
                 continue
-            if ex.kind == "command" and ex.verb == "BDAT" and not self._may_send_chunk(ex):
+            if ex.kind == StepKind.COMMAND and ex.verb == "BDAT" and not self._may_send_chunk(ex):
                 if "CHUNKING" not in self.conv.capabilities:
                     i = await self._bdat_as_data(exs, i)
                 else:
@@ -298,7 +300,7 @@ class _Replayer:
                 continue
             group = [ex]
             if (
-                ex.kind == "command"
+                ex.kind == StepKind.COMMAND
                 and ex.group is not None
                 and "PIPELINING" in self.conv.capabilities
             ):
@@ -307,7 +309,7 @@ class _Replayer:
                 while (
                     j < n
                     and group[-1].verb != "BDAT"
-                    and exs[j].kind == "command"
+                    and exs[j].kind == StepKind.COMMAND
                     and exs[j].group == ex.group
                     and (exs[j].verb != "BDAT" or self._may_send_chunk(exs[j]))
                     and (exs[j].verb != "DATA" or not self._cut_short(exs, j))
@@ -335,21 +337,23 @@ class _Replayer:
             await self._upgrade_like_the_proxy(ex)
             return nxt
         if ex.verb == "DATA":
-            body = nxt < len(exs) and exs[nxt].kind == "body"
+            body = nxt < len(exs) and exs[nxt].kind == StepKind.BODY
             if reply.code != 354 and body:
                 self._skip(exs[nxt], f"the target answered DATA with {reply.code}")
                 return nxt + 1
             if reply.code == 354 and not body:
                 await self._send(b".\r\n")
-                empty = Exchange("body", "<body>", b".\r\n", message=MessageEnd(size=0, headers={}))
+                empty = Exchange(
+                    StepKind.BODY, "<body>", b".\r\n", message=MessageEnd(size=0, headers={})
+                )
                 self._step(
                     empty, await self._reply(), "empty message ends the DATA the target accepted"
                 )
             return nxt
-        if ex.verb == "BDAT" and ex.kind == "command" and not 200 <= reply.code < 300:
+        if ex.verb == "BDAT" and ex.kind == StepKind.COMMAND and not 200 <= reply.code < 300:
             why = f"the target refused an earlier chunk of this message with {reply.code}"
             return await self._drop_message(exs, nxt, why + " (RFC 3030 section 2)")
-        if ex.verb == "STARTTLS" or (ex.kind == "command" and ex.verb == "STARTTLS"):
+        if ex.verb == "STARTTLS" or (ex.kind == StepKind.COMMAND and ex.verb == "STARTTLS"):
             if reply.code == 220:
                 await self._handshake()
                 self._observe(self.conv.tls_established(), call="tls_established")
@@ -357,7 +361,7 @@ class _Replayer:
             if recorded == 220:
                 raise _Stop("the target refused STARTTLS; the rest is not sent in clear")
             return nxt
-        if ex.verb == "AUTH" or ex.kind == "auth":
+        if ex.verb == "AUTH" or ex.kind == StepKind.AUTH:
             if ex.verb == "AUTH":
                 self.mechanism = ex.args.mechanism
             if reply.code == 334:
@@ -368,11 +372,11 @@ class _Replayer:
                     why = "the target's challenge is not valid base64"
                     step.reasons.append(f"{why} (RFC 4954 section 4)")
                     return await self._cancel_auth(exs, nxt, why)
-                if nxt >= len(exs) or exs[nxt].kind != "auth":
+                if nxt >= len(exs) or exs[nxt].kind != StepKind.AUTH:
                     why = "the recording has no answer for this challenge"
                     return await self._cancel_auth(exs, nxt, why)
                 return nxt
-            while nxt < len(exs) and exs[nxt].kind == "auth":
+            while nxt < len(exs) and exs[nxt].kind == StepKind.AUTH:
                 self._skip(exs[nxt], f"the target ended AUTH with {reply.code}")
                 nxt += 1
         return nxt
@@ -383,11 +387,11 @@ class _Replayer:
         the index of the next exchange to play."""
         await self._send(b"*\r\n")
         reply = await self._reply()
-        cancel = Exchange("auth", "<auth>", b"*\r\n")
+        cancel = Exchange(StepKind.AUTH, "<auth>", b"*\r\n")
         self.result.steps.append(Step(cancel, reply, True, [], f"cancelled: {why}"))
         if reply is None:
             raise _Stop("the target closed the connection")
-        while nxt < len(exs) and exs[nxt].kind == "auth":
+        while nxt < len(exs) and exs[nxt].kind == StepKind.AUTH:
             self._skip(exs[nxt], "the AUTH exchange was cancelled")
             nxt += 1
         return nxt
@@ -411,7 +415,7 @@ class _Replayer:
         holds without its end: after 354 the target would wait for the rest,
         and no command could follow it."""
         nxt = i + 1
-        return nxt < len(exs) and exs[nxt].kind == "body" and not self._content(exs[nxt])[1]
+        return nxt < len(exs) and exs[nxt].kind == StepKind.BODY and not self._content(exs[nxt])[1]
 
     async def _drop_data(self, exs: list[Exchange], i: int) -> int:
         """Send neither the DATA at ``i`` nor its body cut short; RSET
@@ -485,7 +489,7 @@ class _Replayer:
         """The indexes of the BDAT steps of one message from ``i``: up to
         the one with LAST, or to the first step that is not a BDAT."""
         run: list[int] = []
-        while i < len(exs) and exs[i].kind == "command" and exs[i].verb == "BDAT":
+        while i < len(exs) and exs[i].kind == StepKind.COMMAND and exs[i].verb == "BDAT":
             run.append(i)
             if self._chunk(exs[i])[2]:
                 break
@@ -507,7 +511,9 @@ class _Replayer:
         """The transaction did not end as recorded: RSET, so the next one
         starts clean (RFC 5321 section 4.1.1.5), unless the recording's next
         command is RSET or QUIT, or there is none."""
-        if nxt >= len(exs) or (exs[nxt].kind == "command" and exs[nxt].verb in ("RSET", "QUIT")):
+        if nxt >= len(exs) or (
+            exs[nxt].kind == StepKind.COMMAND and exs[nxt].verb in ("RSET", "QUIT")
+        ):
             return
         await self._added(
             "RSET", "RSET: the transaction did not end as recorded (RFC 5321 section 4.1.1.5)"
@@ -560,7 +566,7 @@ class _Replayer:
         upgraded the upstream leg itself after the first EHLO. Do the same, so
         nothing the recording sent under TLS goes out in clear."""
         self._proxy_starttls = False
-        start = Exchange("command", "STARTTLS", b"STARTTLS\r\n")
+        start = Exchange(StepKind.COMMAND, "STARTTLS", b"STARTTLS\r\n")
         await self._send(start.client)
         reply = await self._reply()
         self.result.steps.append(
@@ -572,7 +578,7 @@ class _Replayer:
             )
         await self._handshake()
         self._observe(self.conv.tls_established(), call="tls_established")
-        again = Exchange("command", ehlo.verb, ehlo.client)
+        again = Exchange(StepKind.COMMAND, ehlo.verb, ehlo.client)
         await self._send(ehlo.client)
         self.result.steps.append(Step(again, await self._reply(), True, [], "EHLO again over TLS"))
 
@@ -580,9 +586,9 @@ class _Replayer:
 
     def _payload(self, ex: Exchange) -> bytes:
         opts = self.opts
-        if ex.kind == "auth":
+        if ex.kind == StepKind.AUTH:
             return self._auth_answer(ex)
-        if ex.kind == "command" and ex.verb == "AUTH":
+        if ex.kind == StepKind.COMMAND and ex.verb == "AUTH":
             mech, initial = ex.args.mechanism, ex.args.initial
             if mech and initial and (opts.user or opts.password or _redacted(ex)):
                 return f"AUTH {mech} ".encode() + self._credential(mech, None) + b"\r\n"
@@ -698,7 +704,7 @@ def format_result(result: ReplayResult) -> list[str]:
         if ex.verb == "<stop>":
             lines.append(f"!! stopped: {step.reasons[0]}")
             continue
-        if ex.kind != "greeting":
+        if ex.kind != StepKind.GREETING:
             label = ex.label
             if step.shown is not None:
                 label = step.shown
@@ -742,7 +748,7 @@ def format_table(results: list[ReplayResult], recorded: list[Exchange]) -> list[
     stops = [next((s for s in r.steps if s.exchange.verb == "<stop>"), None) for r in results]
     rows: list[list[str]] = []
     for k, ex in enumerate(recorded):
-        if ex.kind == "unsolicited":
+        if ex.kind == StepKind.UNSOLICITED:
             continue
         recorded_cell = " " + (
             f"{ex.reply.code} {ex.reply.enhanced or ''}".strip() if ex.reply else "-"

@@ -156,7 +156,7 @@ class Position:
 class Exchange:
     """One client step and the reply to it."""
 
-    kind: StepKind | str
+    kind: StepKind
     verb: str  # the command verb, "<auth>", "<body>" or "<greeting>"
     client: bytes = b""  # the raw bytes the client sent for this step
     reply: Reply | None = None
