@@ -33,10 +33,10 @@ from .recording import (
 )
 from .relay import ProxyConfig, UpstreamTls
 from .render import json_visible, visible
-from .replay import ReplayOptions, format_result, format_table, replay_all
+from .replay import ReplayOptions, replay_all
 from .server import SinkConfig
 from .summary import listing
-from .views import show_recording, terminal_text, transcript
+from .views import format_result, format_table, show_recording, terminal_text, transcript
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

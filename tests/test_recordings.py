@@ -44,9 +44,10 @@ from conftest import (
 
 from smtpproxy.events import AuthResponse, Command, Reply, Side
 from smtpproxy.recording import read_recording
-from smtpproxy.replay import ReplayOptions, format_result, replay
+from smtpproxy.replay import ReplayOptions, replay
 from smtpproxy.server import Sink, SinkConfig
 from smtpproxy.tls import CertificateAuthority, ServerContexts, client_context
+from smtpproxy.views import format_result
 
 USER, PASSWORD = "user@domain.com", "password"
 SENDER = "ann@example.org"
