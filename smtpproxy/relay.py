@@ -125,6 +125,8 @@ class Session(FaultSteps, TlsSteps):
         # one writer at a time per peer, and none while its TLS handshake runs
         # (a semaphore: the same guard as a Lock at a third of the cost per send)
         self._locks = {Side.CLIENT: trio.Semaphore(1), Side.SERVER: trio.Semaphore(1)}
+        #: a send to that side was cut short: its peer got part of what was sent
+        self._cut = {Side.CLIENT: False, Side.SERVER: False}
         self._last_server_code = 0
         self._resume_client = trio.Event()
         self._activity = trio.current_time()
@@ -255,6 +257,11 @@ class Session(FaultSteps, TlsSteps):
             await send_all(self.streams[side], data)
         except trio.BrokenResourceError as exc:
             raise _SendFailed(side) from (exc.__cause__ or exc)
+        except trio.Cancelled:
+            # a send cut short (a deadline ended the session mid-write, as a
+            # throttled reply can be): what the peer got ends mid-line
+            self._cut[side] = True
+            raise
         finally:
             lock.release()
 
@@ -357,9 +364,10 @@ class Session(FaultSteps, TlsSteps):
             }[hit]
             self._end("proxy", why)
             self.observe([Note(Side.CLIENT, NoteKind(f"{hit}_timeout"), self.reason)])
-            await self._reply_to_client(
-                421, f"4.4.2 smtpproxy: {why}, closing", NoteKind.PROXY_REPLY
-            )
+            if not self._cut[Side.CLIENT]:  # never a 421 in the middle of a reply
+                await self._reply_to_client(
+                    421, f"4.4.2 smtpproxy: {why}, closing", NoteKind.PROXY_REPLY
+                )
 
     def _next_deadline(self) -> tuple[str, float]:
         """The first deadline of the session and its name: ``idle_timeout``

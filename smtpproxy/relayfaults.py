@@ -23,6 +23,7 @@ from __future__ import annotations
 import socket
 import struct
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -88,9 +89,13 @@ class ThrottledStream(trio.abc.Stream):
     octets a second, in tenth-of-a-second slices; what comes from it is not
     slowed."""
 
-    def __init__(self, inner: trio.abc.Stream, rate: int) -> None:
+    def __init__(
+        self, inner: trio.abc.Stream, rate: int, progress: Callable[[], None] | None = None
+    ) -> None:
         self.inner = inner
         self.rate = max(1, rate)
+        #: told after each slice: a session writing slowly is not idle
+        self.progress = progress
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -98,6 +103,8 @@ class ThrottledStream(trio.abc.Stream):
         while view:
             piece, view = view[:step], view[step:]
             await self.inner.send_all(piece)
+            if self.progress is not None:
+                self.progress()
             await trio.sleep(len(piece) / self.rate)
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -184,6 +191,10 @@ class FaultSteps:
 
     def _fault_note(self, fault: Fault, what: str, raw: bytes = b"") -> Note:
         return Note(Side.SERVER, NoteKind.FAULT, f"fault {fault.rule}: {what}", raw)
+
+    def _writing(self) -> None:
+        """A throttled write to the client moved on: the session is not idle."""
+        self._activity = trio.current_time()
 
     def _fired(self, fault: Fault, what: str, raw: bytes = b"") -> None:
         self.observe([self._fault_note(fault, what, raw)])
@@ -350,7 +361,9 @@ class FaultSteps:
             return True
         if kind is ActionKind.THROTTLE:
             self._fired(fault, f"{where}: the client gets at most {fault.rate} octets/s from here")
-            self.streams[Side.CLIENT] = ThrottledStream(self.streams[Side.CLIENT], fault.rate)
+            self.streams[Side.CLIENT] = ThrottledStream(
+                self.streams[Side.CLIENT], fault.rate, self._writing
+            )
             return True
         if kind is ActionKind.STALL:
             self._fired(fault, f"stalled {where}: no answer (the session's timeouts apply)")

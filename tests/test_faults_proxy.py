@@ -32,7 +32,7 @@ __all__ = ["postfix_server", "server_ca"]  # fixtures
 from smtpproxy.cli import main
 from smtpproxy.events import Command, Note, NoteKind, Reply
 from smtpproxy.faults import FaultPlan, parse_rule
-from smtpproxy.recording import Recording
+from smtpproxy.recording import Recording, read_recording
 from smtpproxy.tls import CertificateAuthority, ServerContexts
 
 RCPTS = ["a@example.net", "b@example.net", "c@example.net"]
@@ -463,3 +463,61 @@ async def test_replay_says_which_recorded_replies_were_injected(tmp_path: Path) 
         "== the recorded reply was the proxy's: fault rcpt#2: 452 4.5.3 Too many recipients"
         in done.output
     )
+
+
+async def test_greeting_replace_stall_and_throttle(tmp_path: Path) -> None:
+    """Three actions the other tests leave out, on one raw client each:
+    ``greeting: replace`` (the client hears the rule's greeting, the
+    recording keeps the server's), ``noop: stall`` (no answer; the idle
+    timeout ends the session with 421) and ``ehlo: throttle`` (the EHLO reply
+    comes at that rate: about two seconds for its 94 octets at 50 octets/s)."""
+    async with trio.open_nursery() as nursery:
+        with run_aiosmtpd() as server:
+            proxy = await start_proxy(
+                nursery,
+                tmp_path,
+                server.address,
+                idle_timeout=1.0,
+                faults=plan(
+                    "greeting: replace 220 fault.example ESMTP replaced",
+                    "noop: stall",
+                    "session#2 ehlo: throttle 50/s",
+                ),
+            )
+            first = await connect(proxy.host, proxy.port)
+            assert await first.reply() == b"220 fault.example ESMTP replaced\r\n"
+            await first.send(b"NOOP\r\n")
+            with trio.fail_after(TIMEOUT):
+                stalled = await first.reply()  # the idle timeout's 421, not NOOP's 250
+            assert stalled.startswith(b"421 4.4.2"), stalled
+            await first.close()
+
+            second = await connect(proxy.host, proxy.port)
+            await second.reply()
+            await second.send(b"EHLO c.test\r\n")
+            start = trio.current_time()
+            ehlo = await second.reply()
+            took = trio.current_time() - start
+            assert ehlo.startswith(b"250-")
+            assert took >= len(ehlo) / 50 / 2  # a bound, not a timing target: half the rate's time
+            await second.send(b"QUIT\r\n")
+            await second.reply()
+            await second.close()
+            await wait_for_sessions(proxy.proxy, 2)
+            nursery.cancel_scope.cancel()
+    first_rec, second_rec = sorted(
+        (read_recording(p) for p in proxy.recording_paths()), key=lambda r: r.header.start
+    )
+    greeting = next(e for e in first_rec.events() if isinstance(e, Reply))
+    assert greeting.raw.startswith(b"220 ") and b"replaced" not in greeting.raw  # the server's
+    assert [n.text.split(":")[0] for n in fault_notes(first_rec)] == [
+        "fault greeting",
+        "fault noop",
+    ]
+    assert first_rec.close is not None and first_rec.close.by == "proxy"
+    assert [n.text.split(":")[0] for n in fault_notes(second_rec)] == [
+        "fault greeting",
+        "fault session#2 ehlo",
+    ]
+    # throttled writing kept the session from going idle: it ended with QUIT
+    assert second_rec.close is not None and second_rec.close.by != "proxy"
