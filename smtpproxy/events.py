@@ -331,6 +331,11 @@ class Note:
     kind: str
     text: str
     raw: bytes = b""
+    #: the note stands in place of what the Conversation read of ``raw`` as
+    #: ``side``'s bytes (a reply the proxy wrote for the server: a fault's
+    #: reply, its STARTTLS answer); set by ``recording.note_in_place``. Not a
+    #: field of the file's event (the writer marks such lines ``"fed"``).
+    fed: bool = field(default=False, compare=False)
 
 
 Event = (

@@ -9,8 +9,9 @@ import base64
 import pytest
 
 from smtpproxy.diff import diff_sessions
-from smtpproxy.events import Event, Side
+from smtpproxy.events import Event, Note, NoteKind, Side
 from smtpproxy.protocol import Args, Conversation, Exchange, Position, exchanges, parse_args
+from smtpproxy.recording import note_in_place
 
 C, S = Side.CLIENT, Side.SERVER
 
@@ -191,4 +192,27 @@ def test_diff_compares_what_commands_mean() -> None:
     assert diff_sessions(a, c)[1] == []
     assert [d.reasons for d in diff_sessions(a, c, strict=True)[1]] == [
         ["the client sent a different line"]
+    ]
+
+
+def test_a_reply_the_proxy_made_is_paired_only_when_it_stood_for_the_servers() -> None:
+    """A fed note (the proxy answered in the server's place) answers the next
+    step; a note that only says what became of a server's reply (a fault's
+    ``replace``, an EHLO rewritten) answers nothing, even under pipelining."""
+    conv = Conversation()
+    events: list[Event] = [*conv.feed(S, b"220 x\r\n")]
+    events += conv.feed(C, b"MAIL FROM:<a@x>\r\nRCPT TO:<b@x>\r\nRCPT TO:<c@x>\r\n")
+    events += conv.feed(S, b"250 ok\r\n")
+    replaced = Note(S, NoteKind.FAULT, "fault rcpt: replace 451 4.3.0 Lost", b"451 4.3.0 Lost\r\n")
+    events += [*conv.feed(S, b"250 rcpt ok\r\n"), replaced]
+    answered = Note(
+        S, NoteKind.FAULT, "fault rcpt#2: 452 4.5.3 Too many", b"452 4.5.3 Too many\r\n"
+    )
+    events += note_in_place(answered, conv.feed(S, answered.raw))
+    exs = exchanges(events)
+    assert [(ex.verb, ex.reply and ex.reply.code, ex.injected is not None) for ex in exs] == [
+        ("<greeting>", 220, False),
+        ("MAIL", 250, False),
+        ("RCPT", 250, False),
+        ("RCPT", 452, True),
     ]

@@ -279,7 +279,9 @@ def exchanges(events: Iterable[Event], times: Iterable[float] | None = None) -> 
             case TlsEstablished():
                 if implicit and count.tls == 0:  # handshakes before any SMTP: RFC 8314
                     count.tls = 1
-            case Note(side=Side.SERVER) if ev.raw and unanswered:
+            case Note(side=Side.SERVER, fed=True) if ev.raw and unanswered:
+                # a reply the proxy made in the server's place (not a note that
+                # only says what became of the server's reply)
                 ex = unanswered.pop(0)
                 ex.injected = ev
                 if ev.raw[:3].isdigit():

@@ -54,7 +54,8 @@ _TYPES: dict[type, str] = {
 }
 _CLASSES = {name: cls for cls, name in _TYPES.items()}
 _FIELDS: dict[type, list[dataclasses.Field[Any]]] = {
-    cls: [f for f in dataclasses.fields(cls) if f.name not in ("raw", "side")] for cls in _TYPES
+    cls: [f for f in dataclasses.fields(cls) if f.name not in ("raw", "side", "fed")]
+    for cls in _TYPES
 }
 #: Fields not written because the reader derives them from ``raw``
 #: (keeps recordings small: they are read far less often than written).

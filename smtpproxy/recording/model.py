@@ -4,6 +4,7 @@ session id's form, and the error a reader raises."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
 from collections.abc import Iterator, Mapping, Sequence
@@ -88,4 +89,7 @@ def note_in_place(note: Note, events: Sequence[Event]) -> list[Event]:
     (the proxy's own, read as ``note.side``'s): the note first, then the
     events not made of them (a TLS start, anomalies). The relay reports a
     proxy-made reply this way and the reader derives the same from a fed note."""
-    return [note, *(e for e in events if not (e.raw and e.side is note.side))]
+    return [
+        dataclasses.replace(note, fed=True),
+        *(e for e in events if not (e.raw and e.side is note.side)),
+    ]
