@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 import trustme
-from conftest import smtpproxy_process, start_proxy, wait_for_sessions
+from conftest import RunningProxy, smtpproxy_process, start_proxy, wait_for_sessions
 from rawpeers import Peer, RawUpstream, connect, only_recording
 
 from smtpproxy.events import Anomaly, MessageEnd, Note, Opaque, Reply, Side, TlsStart
@@ -64,6 +64,37 @@ async def _greet(client: Peer, server: Peer, ehlo_reply: bytes) -> None:
     await client.send(b"EHLO client.example\r\n")
     assert await server.until(b"\r\n") == b"EHLO client.example\r\n"
     await server.send(ehlo_reply)
+
+
+async def _starttls_both_legs(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    proxy_ca: CertificateAuthority,
+    upstream_ca: trustme.CA,
+    after_220: bytes = b"",
+) -> tuple[RunningProxy, Peer, Peer]:
+    """The default mode to a raw upstream, up to the client's STARTTLS: the
+    server answers 220 (then ``after_220`` in the same write) and shakes
+    hands; the client has the 220 and has not shaken hands yet."""
+    upstream = await RawUpstream().start(nursery)
+    proxy = await start_proxy(
+        nursery,
+        tmp_path,
+        upstream.address,
+        upstream_context=_upstream_context(upstream_ca),
+        upstream_sni="localhost",
+        server_contexts=_contexts(proxy_ca),
+    )
+    client = await connect(proxy.host, proxy.port)
+    server = await upstream.accept()
+    await _greet(client, server, b"250-raw.example\r\n250 STARTTLS\r\n")
+    await client.reply()
+    await client.send(b"STARTTLS\r\n")
+    assert await server.until(b"\r\n") == b"STARTTLS\r\n"
+    await server.send(b"220 2.0.0 go ahead\r\n" + after_220)
+    await _server_tls(server, upstream_ca)
+    assert await client.reply() == b"220 2.0.0 go ahead\r\n"
+    return proxy, client, server
 
 
 async def _trickle_until_answered(client: Peer, chunks: list[bytes], every: float) -> bytes:
@@ -207,24 +238,9 @@ async def test_mirror_flags_and_keeps_bytes_the_server_sent_after_its_220(
     """The default mode, for comparison: the same bytes after the server's
     220 to the client's STARTTLS are flagged and kept, never passed on."""
     async with trio.open_nursery() as nursery:
-        upstream = await RawUpstream().start(nursery)
-        proxy = await start_proxy(
-            nursery,
-            tmp_path,
-            upstream.address,
-            upstream_context=_upstream_context(upstream_ca),
-            upstream_sni="localhost",
-            server_contexts=_contexts(proxy_ca),
+        proxy, client, server = await _starttls_both_legs(
+            nursery, tmp_path, proxy_ca, upstream_ca, b"250 injected\r\n"
         )
-        client = await connect(proxy.host, proxy.port)
-        server = await upstream.accept()
-        await _greet(client, server, b"250-raw.example\r\n250 STARTTLS\r\n")
-        await client.reply()
-        await client.send(b"STARTTLS\r\n")
-        assert await server.until(b"\r\n") == b"STARTTLS\r\n"
-        await server.send(b"220 2.0.0 go ahead\r\n250 injected\r\n")
-        await _server_tls(server, upstream_ca)
-        assert await client.reply() == b"220 2.0.0 go ahead\r\n"
         tls = trio.SSLStream(
             client.stream,
             ssl.create_default_context(cafile=str(proxy_ca.cert_path)),
@@ -313,24 +329,7 @@ async def test_folder_listing_shows_no_tls_version_when_the_client_handshake_fai
     client's fails (it does not trust the proxy). The session had no TLS
     with its client, so the row must not show a TLS version."""
     async with trio.open_nursery() as nursery:
-        upstream = await RawUpstream().start(nursery)
-        proxy = await start_proxy(
-            nursery,
-            tmp_path,
-            upstream.address,
-            upstream_context=_upstream_context(upstream_ca),
-            upstream_sni="localhost",
-            server_contexts=_contexts(proxy_ca),
-        )
-        client = await connect(proxy.host, proxy.port)
-        server = await upstream.accept()
-        await _greet(client, server, b"250-raw.example\r\n250 STARTTLS\r\n")
-        await client.reply()
-        await client.send(b"STARTTLS\r\n")
-        assert await server.until(b"\r\n") == b"STARTTLS\r\n"
-        await server.send(b"220 2.0.0 go ahead\r\n")
-        await _server_tls(server, upstream_ca)
-        assert await client.reply() == b"220 2.0.0 go ahead\r\n"
+        proxy, client, server = await _starttls_both_legs(nursery, tmp_path, proxy_ca, upstream_ca)
         tls = trio.SSLStream(
             client.stream, ssl.create_default_context(), server_hostname="localhost"
         )

@@ -282,6 +282,20 @@ async def chunking_server(upstream: RawUpstream, commands: list[bytes], peers: l
             await peer.send(b"250 " + code + b" ok\r\n")
 
 
+async def replay_to_chunking_server(
+    nursery: trio.Nursery, tmp_path: Path, rec: Path, timeout: str = "3"
+) -> tuple[list[bytes], list[Peer], tuple[int, list[str], str]]:
+    """Replay ``rec`` to a ``chunking_server``: what it read (command lines,
+    its peer) and the replay's exit code, output lines and stderr."""
+    upstream = await RawUpstream().start(nursery)
+    commands: list[bytes] = []
+    peers: list[Peer] = []
+    nursery.start_soon(chunking_server, upstream, commands, peers)
+    target = f"127.0.0.1:{upstream.address[1]}"
+    done = await run_replay(tmp_path, str(rec), "--to", target, "--timeout", timeout)
+    return commands, peers, done
+
+
 async def test_after_a_refused_bdat_chunk_no_further_chunk_of_that_message_is_sent(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
@@ -370,13 +384,8 @@ async def test_a_chunk_the_recording_holds_only_part_of_is_not_sent(
             ("c", b"BDAT 100\r\n" + b"x" * 40),
         ],
     )
-    upstream = await RawUpstream().start(nursery)
-    commands: list[bytes] = []
-    peers: list[Peer] = []
-    nursery.start_soon(chunking_server, upstream, commands, peers)
-
-    code, lines, stderr = await run_replay(
-        tmp_path, str(rec), "--to", f"127.0.0.1:{upstream.address[1]}", "--timeout", "3"
+    commands, peers, (code, lines, stderr) = await replay_to_chunking_server(
+        nursery, tmp_path, rec, timeout="3"
     )
 
     assert commands == [
@@ -547,6 +556,20 @@ async def data_server(upstream: RawUpstream, commands: list[bytes], bodies: list
             raise  # the client closed the connection: the session is over
 
 
+async def replay_to_data_server(
+    nursery: trio.Nursery, tmp_path: Path, rec: Path, timeout: str = "5"
+) -> tuple[RawUpstream, list[bytes], list[bytes], tuple[int, list[str], str]]:
+    """Replay ``rec`` to a ``data_server``: the server, the command lines and
+    DATA bodies it read, and the replay's exit code, output lines and stderr."""
+    upstream = await RawUpstream().start(nursery)
+    commands: list[bytes] = []
+    bodies: list[bytes] = []
+    nursery.start_soon(data_server, upstream, commands, bodies)
+    target = f"127.0.0.1:{upstream.address[1]}"
+    done = await run_replay(tmp_path, str(rec), "--to", target, "--timeout", timeout)
+    return upstream, commands, bodies, done
+
+
 @pytest.mark.parametrize(("dot_line", "stored", "wire"), DOT_LINES)
 async def test_a_recorded_data_body_with_a_lenient_dot_line_delivers_one_message(
     aiosmtpd_server: AioServer, tmp_path: Path, dot_line: bytes, stored: bytes, wire: bytes
@@ -583,13 +606,8 @@ async def test_a_recorded_data_body_reaches_the_server_with_no_dot_line_before_i
     """The exact octets a server reads after 354: no line that is only '.'
     before the terminator, for a reader that ends lines at CRLF, LF or CR."""
     rec = data_recording(tmp_path / "smuggle.jsonl", HEAD + dot_line + SMUGGLED + b".\r\n")
-    upstream = await RawUpstream().start(nursery)
-    commands: list[bytes] = []
-    bodies: list[bytes] = []
-    nursery.start_soon(data_server, upstream, commands, bodies)
-
-    code, lines, stderr = await run_replay(
-        tmp_path, str(rec), "--to", f"127.0.0.1:{upstream.address[1]}", "--timeout", "5"
+    upstream, commands, bodies, (code, lines, stderr) = await replay_to_data_server(
+        nursery, tmp_path, rec, timeout="5"
     )
 
     (got,) = bodies
@@ -614,13 +632,8 @@ async def test_an_ordinary_recorded_data_body_is_sent_byte_for_byte(
     recorded octets back, and nothing is noted or counted."""
     body = b"Subject: plain\r\n\r\n..leading dot\r\n...two\r\n..\r\nx.\r\n\r\n.\r\n"
     rec = data_recording(tmp_path / "plain.jsonl", body)
-    upstream = await RawUpstream().start(nursery)
-    commands: list[bytes] = []
-    bodies: list[bytes] = []
-    nursery.start_soon(data_server, upstream, commands, bodies)
-
-    code, lines, stderr = await run_replay(
-        tmp_path, str(rec), "--to", f"127.0.0.1:{upstream.address[1]}", "--timeout", "5"
+    upstream, commands, bodies, (code, lines, stderr) = await replay_to_data_server(
+        nursery, tmp_path, rec, timeout="5"
     )
 
     assert bodies == [body]
@@ -642,13 +655,8 @@ async def test_a_recorded_data_body_cut_short_is_not_sent(
     is sent."""
     body = HEAD + b"\n.\n" + SMUGGLED
     rec = data_recording(tmp_path / "cut.jsonl", body)
-    upstream = await RawUpstream().start(nursery)
-    commands: list[bytes] = []
-    bodies: list[bytes] = []
-    nursery.start_soon(data_server, upstream, commands, bodies)
-
-    code, lines, stderr = await run_replay(
-        tmp_path, str(rec), "--to", f"127.0.0.1:{upstream.address[1]}", "--timeout", "3"
+    upstream, commands, bodies, (code, lines, stderr) = await replay_to_data_server(
+        nursery, tmp_path, rec, timeout="3"
     )
 
     assert commands == [
@@ -674,13 +682,8 @@ async def test_a_leading_dot_the_recorded_client_did_not_double_is_sent_as_the_s
     5321 4.5.2), doubled or not: the replay sends the line as it was stored,
     and says the bytes changed."""
     rec = data_recording(tmp_path / "dot.jsonl", b"Subject: dot\r\n\r\n.hidden\r\n.\r\n")
-    upstream = await RawUpstream().start(nursery)
-    commands: list[bytes] = []
-    bodies: list[bytes] = []
-    nursery.start_soon(data_server, upstream, commands, bodies)
-
-    code, lines, stderr = await run_replay(
-        tmp_path, str(rec), "--to", f"127.0.0.1:{upstream.address[1]}", "--timeout", "5"
+    upstream, commands, bodies, (code, lines, stderr) = await replay_to_data_server(
+        nursery, tmp_path, rec, timeout="5"
     )
 
     assert bodies == [b"Subject: dot\r\n\r\nhidden\r\n.\r\n"]
