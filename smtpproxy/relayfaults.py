@@ -55,20 +55,19 @@ __all__ = ["FaultSteps", "ThrottledStream", "unsupported"]
 
 #: the end of a DATA body the proxy withholds (RFC 5321 section 4.1.1.4)
 _DOT = b".\r\n"
-#: actions the proxy does not apply yet (``record`` refuses them at start)
-_UNSUPPORTED = frozenset({ActionKind.TLS_CERT})
 _STARTTLS = frozenset({"STARTTLS"})
 
 
-def unsupported(plan: FaultPlan) -> str | None:
-    """A one-line refusal for a rule whose action the proxy does not apply
-    (``tls: cert ...``: the proxy shows its own leaf certificates), or None:
-    ``record`` refuses it at start rather than let it never fire."""
+def unsupported(plan: FaultPlan, fixed_cert: bool = False) -> str | None:
+    """A one-line refusal for a rule ``record`` cannot apply, or None: it is
+    refused at start rather than let it never fire. ``tls: cert ...`` shows
+    leaves minted by the local CA (``tls.CertificateAuthority.leaf``), so it
+    cannot go with ``--cert``/``--key`` (``fixed_cert``)."""
     for rule in plan.rules:
-        if rule.fault.kind in _UNSUPPORTED:
+        if fixed_cert and rule.fault.kind is ActionKind.TLS_CERT:
             return (
-                f"fault rule {rule.text!r}: 'record' does not show bad certificates yet; "
-                "'tls: abort' works, or drop the rule"
+                f"fault rule {rule.text!r}: 'tls: cert ...' shows certificates minted by "
+                "the local CA; drop --cert/--key, or the rule"
             )
     return None
 
@@ -143,6 +142,7 @@ class FaultSteps:
         _scope: trio.CancelScope
         _resume_client: trio.Event
         _activity: float
+        _cert_fault: Fault | None
 
         def observe(
             self,
@@ -594,7 +594,7 @@ class FaultSteps:
             self._end("proxy", f"fault {fault.rule}: TLS handshake aborted")
             return False
         if fault.kind is ActionKind.TLS_CERT:
-            self._fired(fault, "not applied: the proxy shows only its own certificates")
+            self._cert_fault = fault  # relaytls shows that certificate, and notes it
             return True
         return await self._connection_fault(fault, "before the TLS handshake")
 
