@@ -108,7 +108,9 @@ def record(
     if key is not None and cert is None:
         raise click.UsageError("--key goes with --cert")
     plan = _fault_plan(fault_rules, faults_file)
-    refusal = relayfaults.unsupported(plan) if plan is not None else None
+    refusal = (
+        relayfaults.unsupported(plan, fixed_cert=cert is not None) if plan is not None else None
+    )
     if refusal is not None:
         raise click.UsageError(refusal)
     config = ProxyConfig(
@@ -168,8 +170,8 @@ def sink(
     for rule in plan.rules if plan is not None else ():
         if rule.fault.kind is ActionKind.TLS_CERT:
             raise click.UsageError(
-                f"fault rule {rule.text!r}: the sink shows only its own certificate; "
-                "'tls: cert ...' works on 'smtpproxy record'"
+                f"fault rule {rule.text!r}: the sink command offers no TLS, so it would "
+                "never fire; 'tls: cert ...' works on 'smtpproxy record'"
             )
     config = SinkConfig(max_size=max_size, faults=plan)
     if plan is not None:

@@ -20,11 +20,13 @@ from .events import Note, NoteKind, Reply, Side, TlsEstablished
 from .net import is_ip, tls_reason
 from .protocol import Conversation, format_reply
 from .streams import receive
-from .tls import HandshakeFailed, handshake, handshake_facts
+from .tls import HandshakeFailed, TlsFailure, bad_cert_words, handshake, handshake_facts
 
 if TYPE_CHECKING:
     from .events import Event
+    from .faults import Fault
     from .relay import Proxy
+    from .tls import ServerContexts
     from .tlsmodes import TlsArrangement
 
 __all__ = ["TlsSteps"]
@@ -63,6 +65,12 @@ class TlsSteps:
 
         async def _fault_tls(self) -> bool: ...
 
+        def _fired(self, fault: Fault, what: str, raw: bytes = b"") -> None: ...
+
+    #: a ``tls: cert KIND`` fault that fired for the client's handshake
+    #: (``FaultSteps._fault_tls`` sets it): show that bad certificate
+    _cert_fault: Fault | None = None
+
     # -- the handshakes ------------------------------------------------------
 
     async def _client_handshake(self) -> bool:
@@ -75,13 +83,14 @@ class TlsSteps:
             self._end("proxy", "TLS requested but no certificate is configured")
             self.observe([Note(Side.CLIENT, NoteKind.TLS_ERROR, self.reason)])
             return False
+        context, shown = self._client_context(contexts)
         limit = min(
             (t for t in (cfg.handshake_timeout, cfg.idle_timeout) if t > 0), default=math.inf
         )
         try:
             stream = await handshake(
                 self.streams[Side.CLIENT],
-                contexts.default,
+                context,
                 server_side=True,
                 timeout=limit,
                 lock=self._locks[Side.CLIENT],
@@ -95,18 +104,15 @@ class TlsSteps:
                 sni = contexts.sni_of(failed.ssl_object)
                 if sni:
                     cause += f" (SNI {sni})"
-                self._end(
-                    "client",
-                    f"TLS handshake with the client failed: {cause}"
-                    + (
-                        "; if the client does not trust the proxy, run 'smtpproxy ca' and trust that CA"
-                        if any(
-                            w in cause.lower()
-                            for w in ("alert", "certificate", "eof", "closed", "unknown_ca")
-                        )
-                        else ""
-                    ),
-                )
+                hint = ""
+                if shown:  # a fault's bad certificate: the client did what it should
+                    hint = f"; it was shown {shown}"
+                elif any(
+                    w in cause.lower()
+                    for w in ("alert", "certificate", "eof", "closed", "unknown_ca")
+                ):
+                    hint = "; if the client does not trust the proxy, run 'smtpproxy ca' and trust that CA"
+                self._end("client", f"TLS handshake with the client failed: {cause}{hint}")
             self.observe([Note(Side.CLIENT, NoteKind.TLS_ERROR, self.reason)])
             return False
         # no checkpoint since the lock was released: no writer has used the old stream
@@ -124,6 +130,23 @@ class TlsSteps:
             ]
         )
         return True
+
+    def _client_context(self, contexts: ServerContexts) -> tuple[ssl.SSLContext, str]:
+        """The context for the client's handshake, and unless it is the
+        usual one what it shows: a ``tls: cert`` fault's bad certificate
+        (``ServerContexts.bad``), noted in the recording and the transcript
+        before the handshake, so that it is there whatever the client does."""
+        fault, self._cert_fault = self._cert_fault, None
+        if fault is None:
+            return contexts.default, ""
+        try:
+            context = contexts.bad(fault.cert)
+        except TlsFailure as exc:  # --cert and a rule from a re-read --faults file
+            self._fired(fault, f"not applied: {exc}")
+            return contexts.default, ""
+        what = bad_cert_words(fault.cert)
+        self._fired(fault, f"showed the client {what}")
+        return context, f"{what} by fault {fault.rule}"
 
     async def _upstream_handshake(self) -> bool:
         """Shake hands with the upstream as a TLS client."""

@@ -35,7 +35,7 @@ from .events import (
 from .faults import ActionKind, Fault, FaultPlan, SessionFaults
 from .protocol import MAX_LINE, ClientState, Conversation, StepCounter, format_reply, parse_args
 from .render import Transcript
-from .tls import HandshakeFailed, handshake
+from .tls import HandshakeFailed, ServerContexts, TlsFailure, bad_cert_words, handshake
 
 __all__ = ["Sink", "SinkConfig"]
 
@@ -62,6 +62,10 @@ class SinkConfig:
     handshake_timeout: float = 30.0
     #: offer STARTTLS with this server context (None: not offered)
     tls: ssl.SSLContext | None = None
+    #: what a ``tls: cert KIND`` fault shows instead (``ServerContexts.bad``:
+    #: leaves from the local CA); None: such a rule is not applied, and the
+    #: transcript says so
+    certs: ServerContexts | None = None
     #: speak TLS from the first byte
     implicit_tls: bool = False
     #: ``--fault`` / ``--faults``: fail the steps they name (docs/faults.md)
@@ -115,6 +119,8 @@ class _Sink:
         self.quit = False
         #: 220 to STARTTLS was sent: shake hands before reading on
         self.starttls = False
+        #: the context a ``tls: cert`` fault chose for the next handshake
+        self.bad_tls: ssl.SSLContext | None = None
         self._released: list[Event] = []
 
     def greeting(self) -> bytes:
@@ -550,7 +556,7 @@ class Sink:
             if self.config.implicit_tls:
                 if faults is not None and not await self._before(sink, faults, out, "tls"):
                     return
-                tls = None if sink.halted else await self._handshake(stream)
+                tls = None if sink.halted else await self._handshake(stream, sink)
                 if tls is None and not sink.halted:
                     return
                 stream = out.stream = tls or stream
@@ -584,7 +590,7 @@ class Sink:
                         return
                     if sink.halted:
                         continue
-                    tls = await self._handshake(stream)
+                    tls = await self._handshake(stream, sink)
                     if tls is None:
                         return
                     stream = out.stream = tls
@@ -609,6 +615,9 @@ class Sink:
         fault = faults.step(step)
         if fault is None:
             return True
+        if fault.kind is ActionKind.TLS_CERT:
+            sink.bad_tls = self._bad_context(sink, fault)
+            return True
         sink.report(fault)
         match fault.kind:
             case ActionKind.REPLY:  # connect: answer instead of the greeting, and close
@@ -617,18 +626,34 @@ class Sink:
             case ActionKind.TLS_ABORT:
                 _linger_zero(out.stream)  # no handshake: the client's fails at once
                 return False
-            case ActionKind.TLS_CERT:  # refused at start (app.sink); here for safety
-                return False
         sink.halted = fault.kind is ActionKind.STALL
         await out.send([fault])
         return True
 
-    async def _handshake(self, stream: trio.abc.Stream) -> trio.SSLStream[trio.abc.Stream] | None:
-        """Shake hands as a TLS server; None (the stream closed) if that fails."""
+    def _bad_context(self, sink: _Sink, fault: Fault) -> ssl.SSLContext | None:
+        """``tls: cert KIND``: the context showing that bad certificate, said
+        in the transcript before the handshake; None (the sink's own
+        certificate) when there is no CA to mint it from."""
+        try:
+            if self.config.certs is None:
+                raise TlsFailure("the sink has no local CA to mint certificates from")
+            context = self.config.certs.bad(fault.cert)
+        except TlsFailure as exc:
+            sink.report(fault, f"not applied: {exc}")
+            return None
+        sink.report(fault, f"showed the client {bad_cert_words(fault.cert)}")
+        return context
+
+    async def _handshake(
+        self, stream: trio.abc.Stream, sink: _Sink
+    ) -> trio.SSLStream[trio.abc.Stream] | None:
+        """Shake hands as a TLS server, with the certificate a fault chose if
+        one did; None (the stream closed) if that fails."""
         assert self.config.tls is not None
+        context, sink.bad_tls = sink.bad_tls or self.config.tls, None
         try:
             return await handshake(
-                stream, self.config.tls, server_side=True, timeout=self.config.handshake_timeout
+                stream, context, server_side=True, timeout=self.config.handshake_timeout
             )
         except HandshakeFailed:
             return None

@@ -5,12 +5,16 @@ The CA is made once with the ``cryptography`` package in ``$SMTPPROXY_HOME``
 (default ``~/.smtpproxy``; folder 0700, key 0600), like mitmproxy's
 ``~/.mitmproxy``. Leaf certificates for the names clients ask for (SNI) are
 minted on demand, all with one leaf key, and cached; clients choose those
-names, so both caches are bounded (least recently used goes first).
+names, so both caches are bounded (least recently used goes first). A
+``tls: cert KIND`` fault rule (docs/faults.md) has the same minter spoil a
+leaf one way (``BAD_CERTS``), so that a client's verification fails as it
+would against a broken server.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import ipaddress
 import math
@@ -33,10 +37,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from .net import is_ip, tls_reason
 
 __all__ = [
+    "BAD_CERTS",
     "CertificateAuthority",
     "HandshakeFailed",
     "ServerContexts",
     "TlsFailure",
+    "bad_cert_words",
     "client_context",
     "default_home",
     "describe_certificate",
@@ -51,6 +57,13 @@ _LEAF_DAYS = 397  # the longest validity browsers and Apple clients accept
 MAX_LEAVES = 256
 #: SSL contexts kept for SNI names; with a key log each holds the file open
 MAX_CONTEXTS = 64
+#: the ways a ``tls: cert`` fault spoils a leaf (faults.CERT_KINDS says the same)
+BAD_CERTS = ("expired", "wrong-name", "self-signed")
+#: the only name a ``wrong-name`` leaf is for (.invalid: RFC 2606 section 2)
+WRONG_NAME = "wrong-name.smtpproxy.invalid"
+#: contexts kept for spoilt leaves: one per kind and SNI name, fewer than
+#: MAX_CONTEXTS since only a fault rule makes them
+MAX_BAD_CONTEXTS = 16
 
 
 class TlsFailure(Exception):
@@ -120,6 +133,8 @@ class CertificateAuthority:
         self._leaf_key: rsa.RSAPrivateKey | None = None
         # least recently used first; names come from clients, so it is bounded
         self._leaves: OrderedDict[tuple[str, ...], tuple[bytes, bytes]] = OrderedDict()
+        #: the spoilt ones (``leaf(bad=...)``), by the kind and then the names
+        self._bad_leaves: OrderedDict[tuple[str, ...], tuple[bytes, bytes]] = OrderedDict()
         #: lines for the user: modes made private at load (see load_or_create)
         self.notes: list[str] = []
 
@@ -205,6 +220,7 @@ class CertificateAuthority:
         self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         self._cert, self._key = cert, key
         self._leaves.clear()
+        self._bad_leaves.clear()
 
     @property
     def cert(self) -> x509.Certificate:
@@ -217,12 +233,28 @@ class CertificateAuthority:
     def fingerprint(self) -> str:
         return _colon_hex(self.cert.fingerprint(hashes.SHA256()))
 
-    def leaf(self, names: Iterable[str]) -> tuple[bytes, bytes]:
-        """(certificate chain PEM, key PEM) for these DNS names and IP addresses."""
+    def leaf(self, names: Iterable[str], bad: str = "") -> tuple[bytes, bytes]:
+        """(certificate chain PEM, key PEM) for these DNS names and IP addresses.
+
+        ``bad`` (one of ``BAD_CERTS``, for a ``tls: cert`` fault) spoils the
+        leaf in one way only, so that a client's verification fails for one
+        reason: ``expired``, the CA's leaf for these names whose notAfter
+        has passed (RFC 5280 section 4.1.2.5); ``wrong-name``, the CA's leaf
+        for ``WRONG_NAME`` alone (the name check, RFC 6125 section 6);
+        ``self-signed``, a leaf for these names signed with its own key, the
+        CA left out of the chain (no path to a trust anchor, RFC 5280
+        section 6.1)."""
+        if bad and bad not in BAD_CERTS:
+            raise ValueError(f"unknown bad certificate {bad!r}: one of {', '.join(BAD_CERTS)}")
         key_names = tuple(sorted(dict.fromkeys(n for n in names if n)))
-        cached = self._leaves.get(key_names)
+        if bad == "wrong-name":
+            key_names = (WRONG_NAME,)
+        cache, cache_key = (
+            (self._bad_leaves, (bad, *key_names)) if bad else (self._leaves, key_names)
+        )
+        cached = cache.get(cache_key)
         if cached is not None:
-            self._leaves.move_to_end(key_names)
+            cache.move_to_end(cache_key)
             return cached
         assert self._key is not None and self._cert is not None
         if self._leaf_key is None:
@@ -236,34 +268,46 @@ class CertificateAuthority:
         common = next(
             (n for n in key_names if not is_ip(n)), key_names[0] if key_names else "localhost"
         )
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common[:64])])
         now = _now()
+        if bad == "expired":
+            start, end = now - _dt.timedelta(days=30), now - _dt.timedelta(days=1)
+        else:
+            start, end = now - _dt.timedelta(days=1), now + _dt.timedelta(days=_LEAF_DAYS - 2)
+        own = bad == "self-signed"
+        signer = self._leaf_key if own else self._key
         cert = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common[:64])]))
-            .issuer_name(self._cert.subject)
+            .subject_name(subject)
+            .issuer_name(subject if own else self._cert.subject)
             .public_key(self._leaf_key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _dt.timedelta(days=1))
-            .not_valid_after(now + _dt.timedelta(days=_LEAF_DAYS - 2))
+            .not_valid_before(start)
+            .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()),
                 critical=False,
             )
-            .sign(self._key, hashes.SHA256())
+            .sign(signer, hashes.SHA256())
         )
-        chain = cert.public_bytes(serialization.Encoding.PEM) + self.pem()
+        chain = cert.public_bytes(serialization.Encoding.PEM) + (b"" if own else self.pem())
         key_pem = self._leaf_key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        pair = self._leaves[key_names] = (chain, key_pem)
-        if len(self._leaves) > MAX_LEAVES:
-            self._leaves.popitem(last=False)
+        pair = cache[cache_key] = (chain, key_pem)
+        if len(cache) > MAX_LEAVES:
+            cache.popitem(last=False)
         return pair
+
+
+def bad_cert_words(kind: str) -> str:
+    """How the transcript names a ``BAD_CERTS`` certificate ("an expired certificate")."""
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind} certificate"
 
 
 def _colon_hex(data: bytes) -> str:
@@ -296,7 +340,8 @@ class ServerContexts:
     With a fixed certificate (``--cert``/``--key``) every client gets it.
     Otherwise the CA mints a leaf for the SNI name the client sends, or, for
     a client that sends none, for ``default_names`` (localhost, the listen
-    address, the upstream host name).
+    address, the upstream host name). ``bad(kind)`` is the same with a
+    spoilt leaf, for a ``tls: cert`` fault.
     """
 
     def __init__(
@@ -311,6 +356,8 @@ class ServerContexts:
         self.default_names = list(dict.fromkeys(default_names))
         self.keylog = keylog
         self._by_name: OrderedDict[str, ssl.SSLContext] = OrderedDict()
+        #: ``bad``'s contexts, by the kind and the SNI name ("": none sent)
+        self._bad: OrderedDict[tuple[str, str], ssl.SSLContext] = OrderedDict()
         # the name each handshake asked for; gone with its ssl object
         self.snis: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         if cert_file is not None:
@@ -335,20 +382,55 @@ class ServerContexts:
         _keylog(ctx, self.keylog)
         return ctx
 
-    def _minted(self, names: list[str]) -> ssl.SSLContext:
+    def _minted(self, names: list[str], bad: str = "") -> ssl.SSLContext:
         assert self.ca is not None
-        chain, key = self.ca.leaf(names)
+        chain, key = self.ca.leaf(names, bad)
         ctx = self._new()
         _load_chain(ctx, chain, key, self.ca.home / "tmp")
         return ctx
 
+    def bad(self, kind: str) -> ssl.SSLContext:
+        """The context to shake hands with when a ``tls: cert KIND`` fault
+        fires: like ``default``, with leaves spoilt the ``kind`` way
+        (``CertificateAuthority.leaf``), for the SNI name the client sends
+        too. Raises TlsFailure with a fixed ``--cert``: there is no CA."""
+        if self._fixed or self.ca is None:
+            raise TlsFailure(
+                "'tls: cert ...' shows certificates minted by the local CA, and --cert/--key "
+                "replaces it"
+            )
+        ctx = self._bad.get((kind, ""))
+        if ctx is None:
+            ctx = self._minted(self.default_names, kind)
+            ctx.sni_callback = functools.partial(self._sni, bad=kind)
+            self._keep_bad((kind, ""), ctx)
+        return ctx
+
+    def _keep_bad(self, key: tuple[str, str], ctx: ssl.SSLContext) -> None:
+        self._bad[key] = ctx
+        if len(self._bad) > MAX_BAD_CONTEXTS:
+            self._bad.popitem(last=False)
+
     def _sni(
-        self, sslobj: ssl.SSLObject | ssl.SSLSocket, name: str | None, ctx: ssl.SSLContext
+        self,
+        sslobj: ssl.SSLObject | ssl.SSLSocket,
+        name: str | None,
+        ctx: ssl.SSLContext,
+        bad: str = "",
     ) -> None:
         if name is None:
             return
         self.snis[sslobj] = name
         if self._fixed:
+            return
+        if bad:
+            mctx = self._bad.get((bad, name))
+            if mctx is None:
+                mctx = self._minted([name] + self.default_names, bad)
+                self._keep_bad((bad, name), mctx)
+            else:
+                self._bad.move_to_end((bad, name))
+            sslobj.context = mctx
             return
         mctx = self._by_name.get(name)
         if mctx is None:
@@ -364,7 +446,7 @@ class ServerContexts:
         """The most file descriptors these contexts hold open at once apart
         from handshakes in progress: with a key log, each context keeps the
         file open; without, none."""
-        return 1 + MAX_CONTEXTS if self.keylog else 0
+        return 1 + MAX_CONTEXTS + MAX_BAD_CONTEXTS if self.keylog else 0
 
     def sni_of(self, sslobj: Any) -> str | None:
         return self.snis.pop(sslobj, None)

@@ -318,17 +318,3 @@ def test_record_rereads_the_faults_file_on_sighup(tmp_path: Path, workers: int) 
         upstream.finish(signal.SIGINT)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
-
-
-def test_cert_fault_is_refused_by_record_for_now(tmp_path: Path) -> None:
-    done = run_smtpproxy_once(
-        "record",
-        "--recordings",
-        str(tmp_path / "rec"),
-        "--fault",
-        "tls: cert expired",
-        cwd=tmp_path,
-    )
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "'record' does not show bad certificates yet" in done.stderr
-    assert not (tmp_path / "rec").exists()  # refused before anything was made
