@@ -37,6 +37,7 @@ from .events import (
 
 __all__ = [
     "KNOWN_MECHANISMS",
+    "LOGIN_PROMPTS",
     "REDACTED",
     "SECRET_FIELDS",
     "AuthError",
@@ -46,6 +47,7 @@ __all__ = [
     "b64decode_text",
     "client_response",
     "cram_md5",
+    "cram_md5_digest",
     "login",
     "oauthbearer",
     "plain",
@@ -96,8 +98,18 @@ def cram_md5(user: str, password: str, challenge: bytes) -> bytes:
     """The CRAM-MD5 answer to a decoded challenge: ``user SP digest``, the
     digest being HMAC-MD5 of the challenge keyed with the password, in
     lower-case hex (RFC 2195 section 2), in base64."""
-    digest = hmac.new(password.encode(), challenge, hashlib.md5).hexdigest()
-    return base64.b64encode(f"{user} {digest}".encode())
+    return base64.b64encode(f"{user} {cram_md5_digest(password, challenge)}".encode())
+
+
+def cram_md5_digest(password: str, challenge: bytes) -> str:
+    """HMAC-MD5 of a decoded CRAM-MD5 challenge keyed with the password, in
+    lower-case hex (RFC 2195 section 2): what a server checks."""
+    return hmac.new(password.encode(), challenge, hashlib.md5).hexdigest()
+
+
+#: the LOGIN mechanism's prompts, base64 ("Username:", "Password:"), as
+#: servers send them (draft-murchison-sasl-login section 2)
+LOGIN_PROMPTS = ("VXNlcm5hbWU6", "UGFzc3dvcmQ6")
 
 
 def xoauth2(user: str, token: str) -> bytes:

@@ -3,7 +3,8 @@
 Each command turns its options (smtpproxy/options.py, each defined once)
 into a config and calls the module that does the work: ``record``, ``sink``
 and ``ca`` smtpproxy/app.py; ``show`` views.py and summary.listing;
-``replay`` replay.py; ``diff`` diff.py; ``export`` export.py. A problem the user can fix ends the command with one line and an
+``replay`` replay.py; ``diff`` diff.py; ``export`` export.py; ``mock``
+mockrun.py. A problem the user can fix ends the command with one line and an
 exit code (click exceptions, ``ctx.exit``), never ``sys.exit`` or a
 traceback.
 """
@@ -18,11 +19,12 @@ from pathlib import Path
 import click
 import trio
 
-from . import __version__, app, options, relayfaults
+from . import __version__, app, mockrun, options, relayfaults
 from .diff import diff_sessions, exchanges_of, format_unified, tls_facts
 from .events import Side
 from .export import ExportFailed, ExportRefused, export_all
 from .faults import ActionKind, FaultPlan, FaultSource, FaultSyntaxError
+from .mock import MockOptions
 from .recording import (
     Recording,
     RecordingError,
@@ -32,7 +34,7 @@ from .recording import (
     read_recording,
 )
 from .relay import ProxyConfig, UpstreamTls
-from .render import json_visible, visible
+from .render import Transcript, json_visible, visible
 from .replay import ReplayOptions, replay_all
 from .server import SinkConfig
 from .summary import listing
@@ -459,4 +461,98 @@ def export(ctx: click.Context, paths: tuple[Path, ...], folder: Path, force: boo
         _echo(f"{refused} message(s) not exported", err=True)
     readable.done(ctx)
     if refused:
+        ctx.exit(1)
+
+
+@main.command()
+@options.recordings
+@options.listen(2525, "Address to accept mail clients on.")
+@options.listen_tls
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="A client that departs from the recording gets 421 and is closed.",
+)
+@click.option(
+    "--timing",
+    type=click.Choice(["fast", "recorded"]),
+    default="fast",
+    show_default=True,
+    help="recorded: wait before each reply as long as the recorded server took.",
+)
+@click.option(
+    "--sessions",
+    type=click.IntRange(min=1),
+    default=None,
+    help="End after this many client sessions (exit 1 if one departed).",
+)
+@options.password
+@options.recordings_folder
+@options.quiet
+@options.color
+@options.json("Print the report of departures as JSON on stdout (the transcript goes to stderr).")
+@options.idle_timeout
+@options.fault
+@options.faults_file
+@click.pass_context
+def mock(
+    ctx: click.Context,
+    paths: tuple[Path, ...],
+    listen: tuple[str, int],
+    listen_tls: bool,
+    strict: bool,
+    timing: str,
+    sessions: int | None,
+    password: str | None,
+    recordings: Path,
+    quiet: bool,
+    color: bool | None,
+    as_json: bool,
+    idle_timeout: float,
+    fault_rules: tuple[str, ...],
+    faults_file: Path | None,
+) -> None:
+    """Play the server of RECORDING (or of each recording in a FOLDER, one
+    per connection, in file order) to the clients that connect, replying as
+    the recorded server did. A client that departs from what the recorded
+    client did is kept going with the most faithful answer, and reported.
+    Each mock session is itself recorded. Exit 0 when every client did what
+    the recorded one did, 1 when one departed, 2 for a usage or file error."""
+    try:
+        scripts = mockrun.load_scripts(paths)
+    except RecordingError as exc:
+        raise RecordingProblem(str(exc)) from None
+    plan = _fault_plan(fault_rules, faults_file)
+    refusal = relayfaults.unsupported(plan) if plan is not None else None
+    if refusal is not None:
+        raise click.UsageError(refusal)
+    config = ProxyConfig(
+        listen=listen,
+        upstream=("127.0.0.1", 0),
+        recordings=recordings,
+        idle_timeout=idle_timeout,
+        listen_tls=listen_tls,
+        faults=plan,
+    )
+    out = transcript(color, quiet)
+    if as_json:
+        out = Transcript(sys.stderr, color=False, quiet=quiet)
+    opts = MockOptions(strict=strict, timing=timing == "recorded", password=password)
+    try:
+        results = mockrun.mock(config, out, scripts, opts, sessions)
+    except app.StartError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        departures = sum(len(s.departures) for s in results)
+        click.echo(
+            json.dumps(
+                {"sessions": [s.as_json() for s in results], "departures": departures},
+                indent=2,
+            )
+        )
+    else:
+        for s in results:
+            for d in s.departures:
+                _echo(f"session {s.number} ({s.recording.name}): {d.describe()}", err=True)
+    if any(s.departures for s in results):
         ctx.exit(1)
