@@ -6,6 +6,7 @@ what that server said. Every wait is bounded."""
 from __future__ import annotations
 
 import json
+import signal
 import smtplib
 import ssl
 import subprocess
@@ -264,3 +265,40 @@ def test_help_lists_mock() -> None:
     )  # fmt: skip
     assert done.returncode == 0
     assert "--timing [fast|recorded]" in done.stdout
+
+
+def test_listen_tls_plays_an_implicit_tls_session(tmp_path: Path) -> None:
+    cafile = tmp_path / ".smtpproxy-home" / "smtpproxy-ca.pem"
+
+    def implicit(port: int) -> Any:
+        context = ssl.create_default_context(cafile=str(cafile))
+        with smtplib.SMTP_SSL(
+            "127.0.0.1", port, local_hostname="client.example", timeout=TIMEOUT, context=context
+        ) as c:
+            c.login("ann", "s3cret")
+            return c.sendmail("ann@example.org", RCPTS, MESSAGE)
+
+    folder = tmp_path / "original"
+    args = ["record", "--listen", "127.0.0.1:0", "--listen-tls", "--recordings", str(folder)]
+    with smtpproxy_process(*args, cwd=tmp_path) as proxy:
+        implicit(proxy.port)
+        assert proxy.finish().returncode == 0
+    (original,) = sorted(folder.glob("*.jsonl"))
+    mock = Mock(tmp_path, [original], 1, "--listen-tls")
+    done, results = mock.run(implicit)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert results == [{}]
+    (mocked,) = mock.recordings()
+    assert read_recording(mocked).raw(Side.SERVER) == read_recording(original).raw(Side.SERVER)
+
+
+def test_ctrl_c_ends_the_mock_with_the_exit_status(tmp_path: Path) -> None:
+    (original,) = record(tmp_path, [plain_client()])
+    args = ["mock", str(original), "--listen", "127.0.0.1:0", "--recordings", str(tmp_path / "m")]
+    with smtpproxy_process(*args, cwd=tmp_path) as mock:
+        plain_client(rcpts=["bob@example.net"])(mock.port)  # one recipient fewer
+        mock.wait_stdout("closed by")
+        finished = mock.finish(signal.SIGINT)
+    assert finished.returncode == 1
+    assert "this client stopped before the recorded client's" in finished.stderr
+    assert "Traceback" not in finished.stderr
