@@ -406,8 +406,12 @@ class Player(ServerSide[Wait]):
         return b"502 5.5.1 smtpproxy mock: the recorded server never saw this command\r\n"
 
     def _answer(self, ex: Exchange, recorded: Exchange | None, sent: bytes) -> bytes:
-        """Book-keeping after answering ``ex`` with ``sent``."""
-        if recorded is not None and recorded.position == ex.position:
+        """Book-keeping after answering ``ex`` with ``sent``. A recorded step
+        answered at its own place is played (its place as ``Script.at`` keys
+        it, before or after TLS alike)."""
+        if recorded is not None and _key(recorded.verb, recorded.position) == _key(
+            ex.verb, ex.position
+        ):
             self.played.add(id(recorded))
         code = sent[:3]
         if ex.verb == "QUIT" or code in (b"221", b"421"):
