@@ -12,6 +12,16 @@ Hops compared side by side in one run, interleaved (A B C D, B C D A, ...):
   1worker   the same with --workers 1: one process, as the trio relay is
   faults    smtpproxy with ten --fault rules that never fire
 
+The ``mock`` and ``mock1`` workloads (not run by default: --workloads mock)
+compare two servers that are smtpproxy itself, with no smtp-sink:
+  sink      smtpproxy record with no --upstream: its embedded sink
+  mock      smtpproxy mock REC, REC a recording of one smtp-source session
+            with as many messages (made through ``record`` before the rounds)
+smtp-source sends one fixed message there (-F, no Date or Message-Id of its
+own), so every session sends what the recorded one did; ``mock`` is 20
+sessions like ``small``, ``mock1`` one like ``lat``. Messages are counted
+from the recordings (each one the proxy saw answered 250).
+
 Only the two Postfix test binaries are used (Debian package postfix); the
 Postfix daemon is not started. Every message must reach the sink (its counter
 is checked) or the run counts as failed. Output: the median wall time of each
@@ -45,7 +55,11 @@ WORKLOADS = {
     "large": dict(sessions=2, messages=40, size=20 * 1024 * 1024, reuse=True),
     "conn": dict(sessions=500, messages=20000, size=1024, reuse=False),
     "lat": dict(sessions=1, messages=20000, size=1024, reuse=True),
+    "mock": dict(sessions=20, messages=60000, size=1024, reuse=True, fixed=True),
+    "mock1": dict(sessions=1, messages=20000, size=1024, reuse=True, fixed=True),
 }
+#: the hops of the ``fixed`` workloads (``mock``, ``mock1``): see the top
+MOCK_HOPS = ["sink", "mock"]
 HOPS = ["direct", "socat", "trio", "smtpproxy", "1worker", "faults"]
 PROXIES = ("smtpproxy", "1worker", "faults")
 #: ``faults``: smtpproxy with ten --fault rules that name steps every session
@@ -132,9 +146,105 @@ class Run:
     pss_sum_kb: int = 0  # all of them (parent and workers), at the end, shared pages counted once
     rec_bytes: int = 0
     wire_bytes: int = 0
+    departures: int = 0  # the mock's, listed when it stops
+
+
+def fixed_message(size: int, scratch: Path) -> Path:
+    """A complete message with a body of ``size`` octets, for smtp-source -F."""
+    path = scratch / f"message-{size}.txt"
+    if not path.exists():
+        head = b"From: <foo@bench.example>\nTo: <foo@bench.example>\nSubject: bench\n\n"
+        line = b"X" * 78 + b"\n"
+        path.write_bytes(head + line * (size // len(line)) + b"X" * (size % len(line)) + b"\n")
+    return path
+
+
+def fixed_source(wl: dict, sessions: int, messages: int, port: int, scratch: Path) -> list[str]:
+    src = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-M", "bench.example"]
+    src += ["-F", str(fixed_message(wl["size"], scratch)), "-d", f"127.0.0.1:{port}"]
+    return src
+
+
+def smtpproxy_cmd(command: str, port: int, rec_dir: Path, *args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "smtpproxy", command, *args, "--listen", f"127.0.0.1:{port}",
+        "--recordings", str(rec_dir), "--quiet", "--no-color",
+    ]  # fmt: skip
+
+
+def wait_banner(err: Path, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Until smtpproxy says it listens (no probe connection: to the mock
+    that would be a session, and a departure)."""
+    deadline = time.monotonic() + timeout
+    while b"listening on " not in err.read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.args!r} did not start: {err.read_bytes()[-2000:]!r}")
+        time.sleep(0.05)
+
+
+def mock_recording(wl: dict, scratch: Path) -> Path:
+    """One smtp-source session of ``wl``'s message count through ``record``
+    (its embedded sink): what ``mock`` serves. Made once per count."""
+    folder = scratch / f"mocked-{wl['messages']}"
+    if not folder.exists():
+        port = free_port()
+        err = scratch / f"record-{port}.err"
+        with open(err, "wb") as out:
+            proc = subprocess.Popen(
+                smtpproxy_cmd("record", port, folder), stdout=subprocess.DEVNULL, stderr=out
+            )
+        try:
+            wait_banner(err, proc)
+            src = fixed_source(wl, 1, wl["messages"], port, scratch)
+            subprocess.run(src, check=True, stdout=subprocess.DEVNULL, timeout=1800)
+        finally:
+            stop(proc)
+    (found,) = folder.glob("*.jsonl")
+    return found
+
+
+def mock_run(hop: str, wl: dict, scratch: Path) -> Run:
+    """smtp-source against ``record``'s embedded sink or ``mock`` (MOCK_HOPS)."""
+    port = free_port()
+    rec_dir = scratch / f"rec-{time.monotonic_ns()}"
+    if hop == "sink":
+        cmd = smtpproxy_cmd("record", port, rec_dir, "--max-sessions", "100000")
+    else:
+        cmd = smtpproxy_cmd("mock", port, rec_dir, str(mock_recording(wl, scratch)))
+    err_path = scratch / f"{hop}-{port}.err"  # the mock lists departures there
+    err = open(err_path, "w+b")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        wait_banner(err_path, proc)
+        src = fixed_source(wl, wl["sessions"], wl["messages"], port, scratch)
+        t0 = time.perf_counter()
+        subprocess.run(
+            src, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800
+        )
+        run = Run(hop, time.perf_counter() - t0, 0)
+        pids = [proc.pid, *children(proc.pid)]
+        run.rss_kb = max(vm_hwm_kb(pid) for pid in pids)
+        run.pss_sum_kb = sum(pss_kb(pid) for pid in pids)
+    finally:
+        stop(proc)
+    err.seek(0)
+    run.departures = len(re.findall(rb"\): departure at ", err.read()))
+    err.close()
+    from smtpproxy.recording import read_recording  # the one reader: the totals are derived
+
+    for f in rec_dir.glob("*.jsonl"):
+        run.rec_bytes += f.stat().st_size
+        close = read_recording(f).close
+        totals = close.totals if close is not None else {}
+        run.delivered += totals.get("messages_accepted", 0)
+        run.wire_bytes += totals.get("bytes_from_client", 0) + totals.get("bytes_from_server", 0)
+    shutil.rmtree(rec_dir, ignore_errors=True)
+    return run
 
 
 def one_run(hop: str, wl: dict, scratch: Path) -> Run:
+    if hop in MOCK_HOPS:
+        return mock_run(hop, wl, scratch)
     sink_port = free_port()
     sink_user = ["-u", "nobody"] if os.geteuid() == 0 else []
     counter = open(scratch / f"sink-{sink_port}.out", "w+b")  # a pipe would fill and stall the sink
@@ -235,12 +345,13 @@ def main() -> int:
     ap.add_argument(
         "--scale", type=float, default=1.0, help="multiply message counts (0.1 for a quick run)"
     )
-    ap.add_argument("--hops", default=",".join(HOPS))
+    ap.add_argument(
+        "--hops", default=None, help=f"default: {','.join(HOPS)}; {','.join(MOCK_HOPS)} for mock"
+    )
     args = ap.parse_args()
     for tool in ("smtp-source", "smtp-sink", "socat"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: apt-get install postfix socat (the daemon need not run)")
-    hops = args.hops.split(",")
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}"
     )
@@ -251,6 +362,8 @@ def main() -> int:
         for name in args.workloads.split(","):
             wl = dict(WORKLOADS[name])
             wl["messages"] = max(wl["sessions"], int(wl["messages"] * args.scale))
+            default_hops = MOCK_HOPS if wl.get("fixed") else HOPS
+            hops = args.hops.split(",") if args.hops else default_hops
             runs: dict[str, list[Run]] = {h: [] for h in hops}
             for r in range(args.rounds):
                 order = hops[r % len(hops) :] + hops[: r % len(hops)]
@@ -273,16 +386,20 @@ def main() -> int:
             print("|---|---|---|---|---|---|---|---|")
             for h in hops:
                 rss = pss = rec = ratio = ""
-                if h in PROXIES:
+                if h in (*PROXIES, *MOCK_HOPS):
                     last = runs[h][-1]
                     rss = f"{max(x.rss_kb for x in runs[h]) / 1024:.1f} MB"
                     pss = f"{max(x.pss_sum_kb for x in runs[h]) / 1024:.1f} MB"
                     rec = f"{last.rec_bytes / max(1, wl['messages']):,.0f} B"
                     ratio = f"{last.rec_bytes / max(1, last.wire_bytes):.2f}"
-                xd = med[h] / med["direct"] if "direct" in med else float("nan")
-                xt = med[h] / med["trio"] if "trio" in med else float("nan")
+                xd = f"{med[h] / med['direct']:.2f}" if "direct" in med else ""
+                xt = f"{med[h] / med['trio']:.2f}" if "trio" in med else ""
+                print(f"| {h} | {med[h]:.2f} | {xd} | {xt} | {rss} | {pss} | {rec} | {ratio} |")
+            if "sink" in med and "mock" in med:
+                gone = max(x.departures for x in runs["mock"])
                 print(
-                    f"| {h} | {med[h]:.2f} | {xd:.2f} | {xt:.2f} | {rss} | {pss} | {rec} | {ratio} |"
+                    f"\nmock / sink: {med['mock'] / med['sink']:.2f}; the mock listed {gone} "
+                    f"departure(s) in a round ({wl['sessions']} session(s))"
                 )
             print()
     return 1 if failed else 0
