@@ -15,7 +15,6 @@ import secrets
 import socket
 import ssl
 import struct
-from collections import deque
 from dataclasses import dataclass, field
 
 import trio
@@ -30,11 +29,11 @@ from .events import (
     MessageEnd,
     Opaque,
     OpaqueReason,
-    Side,
 )
 from .faults import ActionKind, Fault, FaultPlan, SessionFaults
-from .protocol import MAX_LINE, ClientState, Conversation, StepCounter, format_reply, parse_args
+from .protocol import MAX_LINE, StepCounter, format_reply, parse_args
 from .render import Transcript
+from .serverside import ServerSide
 from .tls import HandshakeFailed, ServerContexts, TlsFailure, bad_cert_words, handshake
 
 __all__ = ["Sink", "SinkConfig"]
@@ -81,12 +80,14 @@ class SinkStats:
     octets: int = 0
 
 
-class _Sink:
-    """The server's side of one session: policy only; parsing is the Conversation's."""
+class _Sink(ServerSide[Fault]):
+    """The server's side of one session: policy only; reading the client is
+    ``ServerSide``'s (the Conversation's)."""
 
     def __init__(
         self, config: SinkConfig, stats: SinkStats, faults: SessionFaults | None = None
     ) -> None:
+        super().__init__()
         self.config = config
         self.stats = stats
         #: the fault rules of this session (None: no rules, the plain path)
@@ -96,75 +97,24 @@ class _Sink:
         self.messages = 0  # messages begun in the session, for body/dot's number
         self.body_octets = 0
         self.bdat_fault: Fault | None = None
-        #: replies so far, and before them what to do (a delay, a close)
-        self._out = bytearray()
-        self._pieces: list[bytes | Fault] = []
-        #: a fault stopped the answers: STALL, CLOSE or RESET
-        self.halted = False
-        self.conv = Conversation()
         self.helo: str | None = None
         self.mail_from: str | None = None
         self.rcpts: list[str] = []
         self.authed: str | None = None
         self.auth_mech: str | None = None
         self.auth_step = 0
-        #: the BDAT command whose chunk is not answered yet, the octets of
-        #: that chunk seen so far, and whether its last octet has arrived
-        self.bdat_cmd: Command | None = None
-        self.chunk_octets = 0
-        self.chunk_seen = False
         #: octets accepted by BDAT in this transaction (None: no BDAT yet)
         self.bdat_octets: int | None = None
-        #: close the connection once the replies are sent
-        self.quit = False
-        #: 220 to STARTTLS was sent: shake hands before reading on
-        self.starttls = False
         #: the context a ``tls: cert`` fault chose for the next handshake
         self.bad_tls: ssl.SSLContext | None = None
-        self._released: list[Event] = []
 
     def greeting(self) -> bytes:
-        return self._reply(220, f"{self.config.hostname} ESMTP smtpproxy sink")
-
-    def _reply(self, code: int, *lines: str) -> bytes:
-        return self._reply_raw(format_reply(code, *lines))
-
-    def _reply_raw(self, data: bytes) -> bytes:
-        # the Conversation must see our replies to know what the client sends
-        # next; client bytes it held back until now come out as events
-        self._released += [e for e in self.conv.feed(Side.SERVER, data) if e.side is Side.CLIENT]
-        return data
-
-    def receive(self, data: bytes) -> list[bytes | Fault]:
-        """Client bytes in; the replies to send back out, with the faults to
-        act on between them (none without rules: one piece of bytes)."""
-        out = self._out = bytearray()
-        self._pieces = []
-        todo: deque[Event] = deque(self.conv.feed(Side.CLIENT, data))
-        while not (self.quit or self.starttls or self.halted):
-            while todo and not (self.quit or self.starttls or self.halted):
-                ev = todo.popleft()
-                if self.bdat_cmd is not None and isinstance(ev, (Command, AuthResponse, Opaque)):
-                    out += self._chunk_done(last=False)
-                out += self._respond(ev) or b""
-                todo.extend(self._released)
-                self._released = []
-            # a BDAT is answered once its chunk is read; no chunk may follow it
-            # at all (the Conversation did not read it as a chunk)
-            if self.bdat_cmd is None or (
-                not self.chunk_seen and self.conv.client_state is ClientState.BDAT
-            ):
-                break
-            out += self._chunk_done(last=False)
-            todo.extend(self._released)
-            self._released = []
-        return [*self._pieces, bytes(out)] if self._pieces else [bytes(out)]
+        return self.reply(220, f"{self.config.hostname} ESMTP smtpproxy sink")
 
     def act(self, fault: Fault) -> None:
         """A fault to act on after the replies so far (a delay, a stall, a
         close): the I/O loop in ``Sink.handle`` does it."""
-        self._pieces += [bytes(self._out), fault]
-        self._out.clear()
+        self.put(fault)
         if fault.kind in (ActionKind.STALL, ActionKind.CLOSE, ActionKind.RESET):
             self.halted = True
 
@@ -179,7 +129,7 @@ class _Sink:
         self.rcpts = []
         self.bdat_octets = None
 
-    def _respond(self, ev: Event) -> bytes | None:
+    def respond(self, ev: Event) -> bytes | None:
         match ev:
             case Command() if self.faults is not None:
                 return self._command_fault(ev, self.faults)
@@ -188,16 +138,12 @@ class _Sink:
             case AuthResponse():
                 if len(ev.raw) > MAX_LINE:
                     self.auth_mech = None
-                    return self._reply(500, "5.5.6 authentication exchange line is too long")
+                    return self.reply(500, "5.5.6 authentication exchange line is too long")
                 return self._auth_step(ev.text, ev.auth)
-            case MessageData(via="BDAT") if self.bdat_cmd is not None:
-                self.chunk_octets += len(ev.raw)
-                self.chunk_seen = ev.last
-                self._body(ev)
             case MessageData():
                 self._body(ev)
             case MessageEnd(via="BDAT"):
-                return self._chunk_done(last=True)
+                return self.chunk_done(last=True)
             case MessageEnd():
                 return self._message(ev)
             case Opaque(reason=OpaqueReason.LINE_TOO_LONG) if ev.raw.endswith(b"\n"):
@@ -206,8 +152,8 @@ class _Sink:
                     # lines after this reply, so the session cannot go on
                     self.auth_mech = None
                     self.quit = True
-                    return self._reply(500, "5.5.6 authentication exchange line is too long")
-                return self._reply(500, "5.5.2 line too long")
+                    return self.reply(500, "5.5.6 authentication exchange line is too long")
+                return self.reply(500, "5.5.2 line too long")
         return None
 
     def _command_fault(self, cmd: Command, faults: SessionFaults) -> bytes | None:
@@ -230,7 +176,7 @@ class _Sink:
                 self.bdat_cmd, self.bdat_fault = cmd, fault
                 return None
             case ActionKind.REPLY:
-                return self._reply_raw(fault.reply_bytes())
+                return self.reply_raw(fault.reply_bytes())
             case ActionKind.REPLACE:
                 own = self._command(cmd)
                 if verb == "BDAT":
@@ -275,7 +221,7 @@ class _Sink:
             case Fault(kind=ActionKind.REPLY):
                 self.report(fault, f"{fault.describe()}; the message was not accepted")
                 self._reset()
-                return self._reply_raw(fault.reply_bytes())
+                return self.reply_raw(fault.reply_bytes())
             case Fault(kind=ActionKind.REPLACE):
                 own = self._accept(size)
                 accepted = "accepted (counted)" if own.startswith(b"250") else "refused"
@@ -291,83 +237,83 @@ class _Sink:
     def _command(self, cmd: Command, caps: Fault | None = None) -> bytes | None:
         verb, arg = cmd.verb, cmd.arg.strip()
         if len(cmd.raw) > MAX_LINE:
-            return self._reply(500, "5.5.2 line too long")
+            return self.reply(500, "5.5.2 line too long")
         if "bad_utf8" in cmd.flags and verb not in ("DATA", "BDAT"):
-            return self._reply(500, "5.5.2 command is not valid UTF-8")
+            return self.reply(500, "5.5.2 command is not valid UTF-8")
         match verb:
             case "EHLO" | "HELO":
                 if not arg:
-                    return self._reply(501, f"5.5.4 {verb} needs a domain")
+                    return self.reply(501, f"5.5.4 {verb} needs a domain")
                 self.helo = arg
                 self._reset()
                 if verb == "HELO":
-                    return self._reply(250, self.config.hostname)
+                    return self.reply(250, self.config.hostname)
                 starttls = ("STARTTLS",) if self._offers_tls() else ()
                 keywords = [f"SIZE {self.config.max_size}", *starttls, *_EHLO_KEYWORDS]
                 if caps is not None:
                     keywords = _edit_keywords(keywords, caps)
-                return self._reply(250, f"{self.config.hostname} greets {arg}", *keywords)
+                return self.reply(250, f"{self.config.hostname} greets {arg}", *keywords)
             case "MAIL":
                 if self.helo is None:
-                    return self._reply(503, "5.5.1 say EHLO or HELO first")
+                    return self.reply(503, "5.5.1 say EHLO or HELO first")
                 if self.mail_from is not None:
-                    return self._reply(503, "5.5.1 nested MAIL command")
+                    return self.reply(503, "5.5.1 nested MAIL command")
                 args = parse_args(verb, arg)
                 if not args.valid:
-                    return self._reply(501, "5.5.4 syntax: MAIL FROM:<address>")
+                    return self.reply(501, "5.5.4 syntax: MAIL FROM:<address>")
                 size = args.params.get("SIZE")
                 if size is not None:
                     if not (size.isascii() and size.isdigit()):
-                        return self._reply(501, "5.5.4 syntax: SIZE=<octets> (RFC 1870)")
+                        return self.reply(501, "5.5.4 syntax: SIZE=<octets> (RFC 1870)")
                     if int(size) > self.config.max_size:
-                        return self._reply(552, "5.3.4 message size exceeds fixed limit")
+                        return self.reply(552, "5.3.4 message size exceeds fixed limit")
                 self.mail_from = cmd.path
-                return self._reply(250, "2.1.0 sender ok")
+                return self.reply(250, "2.1.0 sender ok")
             case "RCPT":
                 if self.mail_from is None:
-                    return self._reply(503, "5.5.1 need MAIL before RCPT")
+                    return self.reply(503, "5.5.1 need MAIL before RCPT")
                 if not cmd.path or not parse_args(verb, arg).valid:
-                    return self._reply(501, "5.5.4 syntax: RCPT TO:<address>")
+                    return self.reply(501, "5.5.4 syntax: RCPT TO:<address>")
                 self.rcpts.append(cmd.path)
-                return self._reply(250, "2.1.5 recipient ok")
+                return self.reply(250, "2.1.5 recipient ok")
             case "DATA":
                 if arg:
-                    return self._reply(501, "5.5.4 DATA takes no arguments")
+                    return self.reply(501, "5.5.4 DATA takes no arguments")
                 if self.mail_from is None or not self.rcpts:
-                    return self._reply(503, "5.5.1 need MAIL and RCPT before DATA")
+                    return self.reply(503, "5.5.1 need MAIL and RCPT before DATA")
                 if self.bdat_octets is not None:
                     # RFC 3030 section 3: DATA and BDAT do not mix in one transaction
-                    return self._reply(503, "5.5.1 DATA after BDAT; RSET first")
-                return self._reply(354, "End data with <CR><LF>.<CR><LF>")
+                    return self.reply(503, "5.5.1 DATA after BDAT; RSET first")
+                return self.reply(354, "End data with <CR><LF>.<CR><LF>")
             case "BDAT":
                 self.bdat_cmd = cmd
-                return None  # answered once its chunk is read: _chunk_done
+                return None  # answered once its chunk is read: answer_chunk
             case "RSET":
                 self._reset()
-                return self._reply(250, "2.0.0 reset")
+                return self.reply(250, "2.0.0 reset")
             case "NOOP":
-                return self._reply(250, "2.0.0 ok")
+                return self.reply(250, "2.0.0 ok")
             case "QUIT":
                 self.quit = True
-                return self._reply(221, "2.0.0 bye")
+                return self.reply(221, "2.0.0 bye")
             case "VRFY":
-                return self._reply(252, "2.5.2 cannot VRFY user, but will accept message")
+                return self.reply(252, "2.5.2 cannot VRFY user, but will accept message")
             case "EXPN":
-                return self._reply(502, "5.5.1 EXPN not implemented")
+                return self.reply(502, "5.5.1 EXPN not implemented")
             case "HELP":
-                return self._reply(214, "2.0.0 see RFC 5321")
+                return self.reply(214, "2.0.0 see RFC 5321")
             case "AUTH":
                 return self._auth_start(arg, cmd.auth)
             case "STARTTLS":
                 if self.conv.encrypted:
-                    return self._reply(503, "5.5.1 TLS already active")
+                    return self.reply(503, "5.5.1 TLS already active")
                 if not self._offers_tls():
-                    return self._reply(502, "5.5.1 STARTTLS is not offered here")
+                    return self.reply(502, "5.5.1 STARTTLS is not offered here")
                 if arg:
-                    return self._reply(501, "5.5.4 STARTTLS takes no arguments")
+                    return self.reply(501, "5.5.4 STARTTLS takes no arguments")
                 self.starttls = True
-                return self._reply(220, "2.0.0 ready to start TLS")
-        return self._reply(500, f"5.5.2 command not recognized: {verb[:20]}")
+                return self.reply(220, "2.0.0 ready to start TLS")
+        return self.reply(500, f"5.5.2 command not recognized: {verb[:20]}")
 
     def _offers_tls(self) -> bool:
         return self.config.tls is not None and not self.conv.encrypted
@@ -387,49 +333,49 @@ class _Sink:
 
     def _auth_start(self, arg: str, initial_decode: AuthDecode | None) -> bytes:
         if self.helo is None:
-            return self._reply(503, "5.5.1 say EHLO first")
+            return self.reply(503, "5.5.1 say EHLO first")
         if self.authed is not None:
-            return self._reply(503, "5.5.1 already authenticated")
+            return self.reply(503, "5.5.1 already authenticated")
         if self.mail_from is not None:
-            return self._reply(503, "5.5.1 AUTH is not permitted during a mail transaction")
+            return self.reply(503, "5.5.1 AUTH is not permitted during a mail transaction")
         args = parse_args("AUTH", arg)
         mech, initial = args.mechanism or "", args.initial or ""
         if not mech:
-            return self._reply(501, "5.5.4 syntax: AUTH <mechanism> [initial-response]")
+            return self.reply(501, "5.5.4 syntax: AUTH <mechanism> [initial-response]")
         if mech not in ("PLAIN", "LOGIN", "CRAM-MD5"):
-            return self._reply(504, f"5.5.4 mechanism {mech[:20]} not supported")
+            return self.reply(504, f"5.5.4 mechanism {mech[:20]} not supported")
         self.auth_mech = mech
         self.auth_step = 0
         initial = initial.strip()
         if mech == "PLAIN":
             if initial:
                 return self._auth_step(initial, initial_decode)
-            return self._reply(334, "")
+            return self.reply(334, "")
         if mech == "LOGIN":
             if initial:
                 return self._auth_step(initial, initial_decode)
-            return self._reply(334, "VXNlcm5hbWU6")
+            return self.reply(334, "VXNlcm5hbWU6")
         challenge = f"<{secrets.randbelow(10**10)}.{secrets.token_hex(4)}@{self.config.hostname}>"
-        return self._reply(334, base64.b64encode(challenge.encode()).decode())
+        return self.reply(334, base64.b64encode(challenge.encode()).decode())
 
     def _auth_step(self, text: str, decoded: AuthDecode | None) -> bytes:
         """One SASL answer, as the Conversation decoded it (auth.py)."""
         if text.strip() == "*":
             self.auth_mech = None
-            return self._reply(501, "5.7.0 authentication cancelled")
+            return self.reply(501, "5.7.0 authentication cancelled")
         if decoded is None or decoded.error is AuthError.BAD_BASE64:
             self.auth_mech = None
-            return self._reply(501, "5.5.2 cannot decode base64")
+            return self.reply(501, "5.5.2 cannot decode base64")
         mech = self.auth_mech
         if mech == "LOGIN" and self.auth_step == 0:
             self.auth_step = 1  # that was the user name; now the password
-            return self._reply(334, "UGFzc3dvcmQ6")
+            return self.reply(334, "UGFzc3dvcmQ6")
         if mech == "PLAIN" and decoded.error:
             self.auth_mech = None
-            return self._reply(501, "5.5.2 PLAIN wants authzid NUL user NUL password")
+            return self.reply(501, "5.5.2 PLAIN wants authzid NUL user NUL password")
         self.authed = mech
         self.auth_mech = None
-        return self._reply(
+        return self.reply(
             235, "2.7.0 Authentication successful (smtpproxy sink accepts any credentials)"
         )
 
@@ -441,20 +387,15 @@ class _Sink:
             return self._dot(ev.size)
         return self._accept(ev.size)
 
-    def _chunk_done(self, last: bool) -> bytes:
-        """Answer a BDAT command once its chunk has been read: the server reads
-        the chunk whatever it then answers (RFC 3030 section 2), and a failed
-        chunk fails the transaction."""
-        cmd, octets = self.bdat_cmd, self.chunk_octets
-        self.bdat_cmd, self.chunk_octets, self.chunk_seen = None, 0, False
-        if cmd is None:
-            return b""
+    def answer_chunk(self, cmd: Command, octets: int, last: bool) -> bytes:
+        """A BDAT command whose chunk has been read (ServerSide.chunk_done): a
+        failed chunk fails the transaction (RFC 3030 section 2)."""
         fault, self.bdat_fault = self.bdat_fault, None
         if fault is not None and fault.kind is ActionKind.REPLY:
             self._reset()  # the chunk is read and dropped, the transaction ends
             self.body_octets = 0
             self.steps.open = False
-            return self._reply_raw(fault.reply_bytes())
+            return self.reply_raw(fault.reply_bytes())
         if fault is not None:  # REPLACE: the sink's own work, the fault's reply
             self._chunk_answer(cmd, octets, last)
             return fault.reply_bytes()
@@ -463,28 +404,28 @@ class _Sink:
     def _chunk_answer(self, cmd: Command, octets: int, last: bool) -> bytes:
         if not parse_args(cmd.verb, cmd.arg).valid:
             self._reset()
-            return self._reply(501, "5.5.4 syntax: BDAT <size> [LAST]")
+            return self.reply(501, "5.5.4 syntax: BDAT <size> [LAST]")
         if self.mail_from is None or not self.rcpts:
             self._reset()
-            return self._reply(503, "5.5.1 need MAIL and RCPT before BDAT")
+            return self.reply(503, "5.5.1 need MAIL and RCPT before BDAT")
         total = (self.bdat_octets or 0) + octets
         if last:
             return self._dot(total) if self.faults is not None else self._accept(total)
         if total > self.config.max_size:
             self._reset()
-            return self._reply(552, "5.3.4 message size exceeds fixed limit")
+            return self.reply(552, "5.3.4 message size exceeds fixed limit")
         self.bdat_octets = total
-        return self._reply(250, f"2.0.0 {octets} octets received")
+        return self.reply(250, f"2.0.0 {octets} octets received")
 
     def _accept(self, size: int) -> bytes:
         """Count and drop a complete message: the transaction ends here."""
         self._reset()
         if size > self.config.max_size:
-            return self._reply(552, "5.3.4 message size exceeds fixed limit")
+            return self.reply(552, "5.3.4 message size exceeds fixed limit")
         self.stats.messages += 1
         self.stats.octets += size
         queue_id = secrets.token_hex(6).upper()
-        return self._reply(250, f"2.0.0 Ok: queued as {queue_id}")
+        return self.reply(250, f"2.0.0 Ok: queued as {queue_id}")
 
 
 def _edit_keywords(keywords: list[str], fault: Fault) -> list[str]:
