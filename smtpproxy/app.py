@@ -30,9 +30,10 @@ from . import __version__, accept
 from .faults import FaultPlan, FaultSource, FaultSyntaxError
 from .net import is_loopback
 from .recording import ensure_private_dir
-from .relay import Proxy, ProxyConfig, UpstreamTls
+from .relay import Proxy, ProxyConfig
 from .render import Transcript
 from .server import Sink, SinkConfig
+from .service import Service, embedded_sink
 from .tls import (
     CertificateAuthority,
     ServerContexts,
@@ -107,12 +108,12 @@ def record(
     if count > 1:
         totals, ok = _record_in_workers(config, transcript, count, ca, reload)
     else:
-        proxy = Proxy(config, transcript)
+        service = Service(config, transcript, embedded_sink(config, ca) if embedded else None)
         try:
-            trio.run(_run_record, proxy, embedded, ca, reload)
+            trio.run(_run_record, service, ca, reload)
         except OSError as exc:
             raise _cannot_listen(config.listen, exc) from None
-        totals, ok = dataclasses.asdict(proxy.stats), True
+        totals, ok = dataclasses.asdict(service.proxy.stats), True
     _say(
         f"smtpproxy: {totals.get('sessions', 0)} session(s), {totals.get('recordings', 0)} recording(s) "
         f"in {config.recordings}/"
@@ -329,33 +330,14 @@ def _reload_faults(plan: FaultPlan | None, source: FaultSource, quiet: bool = Fa
 
 
 async def _run_record(
-    proxy: Proxy,
-    embedded: bool,
-    ca: CertificateAuthority | None,
-    reload: FaultSource | None = None,
+    service: Service, ca: CertificateAuthority | None, reload: FaultSource | None = None
 ) -> None:
-    config = proxy.config
-    listeners = await proxy.listen()
+    await service.listen()
     with _stop_signals(reload) as signals:
         async with trio.open_nursery() as nursery:
-            if embedded:
-                sink_tls = (
-                    ServerContexts(["localhost", "127.0.0.1"], ca=ca) if ca is not None else None
-                )
-                server = Sink(
-                    SinkConfig(
-                        idle_timeout=config.idle_timeout or 300.0,
-                        tls=sink_tls.default if sink_tls else None,
-                        implicit_tls=config.listen_tls
-                        and config.upstream_tls is not UpstreamTls.PLAIN,
-                    )
-                )
-                host, port = await nursery.start(server.serve, "127.0.0.1", 0)
-                config.upstream = (host, port)
-                config.upstream_label = f"embedded sink {host}:{port}"
-            address = await nursery.start(proxy.serve, listeners)
-            _banner(address, config, ca)
-            await _first(signals, config.faults, reload)
+            address = await nursery.start(service.run)
+            _banner(address, service.config, ca)
+            await _first(signals, service.config.faults, reload)
             nursery.cancel_scope.cancel()
 
 

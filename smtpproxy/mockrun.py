@@ -20,8 +20,9 @@ from .mock import MockOptions, Script
 from .mockserver import MockServer, MockSession
 from .net import is_loopback
 from .recording import RecordingError, iter_recordings, read_recording
-from .relay import Proxy, ProxyConfig
+from .relay import ProxyConfig
 from .render import Transcript
+from .service import Service
 from .tls import ServerContexts
 
 __all__ = ["load_scripts", "mock"]
@@ -66,26 +67,16 @@ def mock(
         idle_timeout=config.idle_timeout or 300.0,
         handshake_timeout=config.handshake_timeout or 30.0,
     )
-    proxy = Proxy(config, transcript)
-    label = str(scripts[0].path) if len(scripts) == 1 else f"{len(scripts)} recordings"
+    service = Service(config, transcript, server, label=f"mock of {_label(scripts)}")
 
     async def run() -> None:
-        listeners = await proxy.listen()
+        await service.listen()
         with app._stop_signals() as signals:
             async with trio.open_nursery() as nursery:
-                host, port = await nursery.start(server.serve, "127.0.0.1", 0)
-                config.upstream = (host, port)
-                config.upstream_label = f"mock of {label}"
-                address = await nursery.start(proxy.serve, listeners)
+                address = await nursery.start(service.run)
                 app._banner(address, config, ca)
                 if sessions is not None:
-
-                    async def until_done() -> None:
-                        await proxy.wait_sessions_ended(sessions)
-                        await server.wait_sessions(min(sessions, server._started))
-                        nursery.cancel_scope.cancel()
-
-                    nursery.start_soon(until_done)
+                    nursery.start_soon(_until, service, server, sessions, nursery.cancel_scope)
                 await app._first(signals)
                 nursery.cancel_scope.cancel()
 
@@ -99,3 +90,18 @@ def mock(
         f"recordings in {config.recordings}/"
     )
     return server.sessions
+
+
+def _label(scripts: list[Script]) -> str:
+    return str(scripts[0].path) if len(scripts) == 1 else f"{len(scripts)} recordings"
+
+
+async def _until(
+    service: Service, server: MockServer, sessions: int, scope: trio.CancelScope
+) -> None:
+    """``--sessions N``: once N client sessions have ended (and the mock's
+    side of each has said its departures), stop."""
+    await service.proxy.wait_sessions_ended(sessions)
+    with trio.move_on_after(5):  # the mock's side ends as the proxy closes it
+        await server.wait_sessions(min(sessions, server.started))
+    scope.cancel()

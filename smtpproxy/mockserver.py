@@ -68,7 +68,8 @@ class MockServer:
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
         self.sessions: list[MockSession] = []
-        self._started = 0
+        #: connections so far
+        self.started = 0
         self._ended = trio.Event()
 
     async def serve(
@@ -94,8 +95,8 @@ class MockServer:
             self.transcript.say(f"mock#{number}", text, warn=True)
 
     async def handle(self, stream: trio.abc.Stream) -> None:
-        self._started += 1
-        number = self._started
+        self.started += 1
+        number = self.started
         script = self.scripts[(number - 1) % len(self.scripts)]
         player = Player(script, self.options)
         session = MockSession(number, script.path)
