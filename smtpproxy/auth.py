@@ -48,6 +48,7 @@ __all__ = [
     "client_response",
     "cram_md5",
     "cram_md5_digest",
+    "credentials",
     "login",
     "oauthbearer",
     "plain",
@@ -105,6 +106,19 @@ def cram_md5_digest(password: str, challenge: bytes) -> str:
     """HMAC-MD5 of a decoded CRAM-MD5 challenge keyed with the password, in
     lower-case hex (RFC 2195 section 2): what a server checks."""
     return hmac.new(password.encode(), challenge, hashlib.md5).hexdigest()
+
+
+def credentials(auths: Iterable[AuthDecode | None]) -> dict[str, str]:
+    """The user and the secrets (password, token, digest) a SASL exchange
+    carried, merged over its decoded steps (the first value of each wins)."""
+    out: dict[str, str] = {}
+    for auth in auths:
+        if auth is None:
+            continue
+        for name, value in auth.fields.items():
+            if name == "user" or name in SECRET_FIELDS:
+                out.setdefault(name, value)
+    return out
 
 
 #: the LOGIN mechanism's prompts, base64 ("Username:", "Password:"), as

@@ -18,11 +18,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .auth import LOGIN_PROMPTS, REDACTED, b64decode, cram_md5_digest
+from .auth import LOGIN_PROMPTS, REDACTED, b64decode, cram_md5_digest, credentials
 from .diff import compare_commands
 from .events import (
     SECRET_FIELDS,
@@ -207,18 +206,6 @@ class Script:
         return out
 
 
-def _credentials(auths: Iterable[AuthDecode | None]) -> dict[str, str]:
-    """The user and secrets a SASL exchange carried, merged over its steps."""
-    out: dict[str, str] = {}
-    for auth in auths:
-        if auth is None:
-            continue
-        for name, value in auth.fields.items():
-            if name == "user" or name in SECRET_FIELDS:
-                out.setdefault(name, value)
-    return out
-
-
 @dataclass
 class _Attempt:
     """An AUTH exchange in progress, and the recorded one it follows."""
@@ -231,8 +218,8 @@ class _Attempt:
     #: (PLAIN or LOGIN, run the usual way); "" when following the recording
     generic: str = ""
 
-    def recorded_credentials(self) -> dict[str, str]:
-        return _credentials([self.command.auth, *(a.auth for a in self.answers)])
+    def recordedcredentials(self) -> dict[str, str]:
+        return credentials([self.command.auth, *(a.auth for a in self.answers)])
 
     def challenge(self) -> bytes | None:
         """The recorded CRAM-MD5 challenge, decoded (None: not CRAM-MD5)."""
@@ -487,7 +474,7 @@ class Player(ServerSide[Wait]):
         if reply.code == 334:
             return self._send(recorded, reply.raw)
         attempt, self._attempt = self._attempt, None
-        why = self._wrong_credentials(attempt)
+        why = self._wrongcredentials(attempt)
         if why is None or reply.code >= 400:
             return self._send(recorded, reply.raw)
         return self._send(recorded, self._depart(ex, recorded, why, self._auth_failed()))
@@ -517,12 +504,12 @@ class Player(ServerSide[Wait]):
             return failure.raw
         return format_reply(535, "5.7.8 Authentication credentials invalid")
 
-    def _wrong_credentials(self, attempt: _Attempt) -> str | None:
+    def _wrongcredentials(self, attempt: _Attempt) -> str | None:
         """Why this client's credentials are not the recorded client's (None:
         they are, or the recording cannot say: it was redacted). Secrets are
         never quoted."""
-        recorded = attempt.recorded_credentials()
-        client = _credentials(attempt.client)
+        recorded = attempt.recordedcredentials()
+        client = credentials(attempt.client)
         if recorded.get("user") != client.get("user"):
             return f"user {recorded.get('user')!r} -> {client.get('user')!r}"
         for name in sorted(SECRET_FIELDS & (recorded.keys() | client.keys())):
@@ -539,8 +526,8 @@ class Player(ServerSide[Wait]):
         """A PLAIN or LOGIN password checked against what the recording
         knows: its password, or its CRAM-MD5 digest of the challenge it
         recorded, or ``--password``; None when right or nothing can say."""
-        recorded = attempt.recorded_credentials()
-        client = _credentials(attempt.client)
+        recorded = attempt.recordedcredentials()
+        client = credentials(attempt.client)
         if recorded.get("user") != client.get("user"):
             return f"user {recorded.get('user')!r} -> {client.get('user')!r}"
         password = client.get("password")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import click
@@ -34,11 +35,14 @@ def transcript(color: bool | None, quiet: bool = False, show_body: bool = False)
     return Transcript(sys.stdout, color=color, quiet=quiet, show_body=show_body)
 
 
-def show_recording(rec: Recording, out: Transcript) -> None:
+def show_recording(
+    rec: Recording, out: Transcript, echo: Callable[[str], object] = click.echo
+) -> None:
     """``smtpproxy show FILE``: the session's header, its events as the live
-    transcript showed them, and how it ended with its totals."""
+    transcript showed them, and how it ended with its totals (``echo``
+    prints the header line; the API's ``Session.transcript()`` collects it)."""
     header = rec.header
-    click.echo(
+    echo(
         visible(
             f"session {header.session} started {header.start}: client {header.client}, "
             f"upstream {header.upstream}"
