@@ -392,3 +392,31 @@ def sink(listen: tuple[str, int], config: SinkConfig, reload: FaultSource | None
     _say(
         f"smtpproxy sink: {server.stats.sessions} session(s), {server.stats.messages} message(s) accepted"
     )
+
+
+def web(folder: Path, listen: tuple[str, int]) -> None:
+    """``smtpproxy web``: serve the web view of ``folder`` until a stop signal."""
+    from .web.app import WebConfig
+    from .web.serve import bind, serve_web, url_of
+
+    if not is_loopback(listen[0]):
+        _say(
+            f"warning: listening on {listen[0]}, not loopback: the pages show the recordings' "
+            "credentials to anyone who has the address and its token"
+        )
+    config = WebConfig(folder)
+    try:
+        sock = bind(listen)
+    except OSError as exc:
+        raise _cannot_listen(listen, exc) from None
+
+    async def run() -> None:
+        with _stop_signals() as signals:
+            async with trio.open_nursery() as nursery:
+                host, port = await nursery.start(serve_web, config, sock)
+                _say(f"smtpproxy web: listening on {host}:{port} (Ctrl-C to stop); open")
+                _say(f"  {url_of(host, port, config.token)}")
+                await _first(signals)
+                nursery.cancel_scope.cancel()
+
+    trio.run(run)

@@ -12,6 +12,7 @@ traceback.
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -556,3 +557,39 @@ def mock(
                 _echo(f"session {s.number} ({s.recording.name}): {d.describe()}", err=True)
     if any(s.departures for s in results):
         ctx.exit(1)
+
+
+@main.command()
+@click.argument(
+    "folder", required=False, default=Path("recordings"), type=click.Path(path_type=Path)
+)
+@options.listen(
+    8025, "Address to serve the web view on (loopback by default: it shows credentials)."
+)
+def web(folder: Path, listen: tuple[str, int]) -> None:
+    """Show the recordings of FOLDER in a browser: the sessions list, each
+    session as a sequence diagram, messages, two sessions side by side. The
+    address printed at start carries a token every page needs."""
+    if not folder.is_dir():
+        raise RecordingProblem(f"{folder} is not a folder of recordings")
+    try:
+        app.web(folder, listen)
+    except app.StartError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def index(folder: Path) -> None:
+    """(Re)build the sessions index of FOLDER (the web view's list). The
+    index is a cache: deleting it loses nothing."""
+    from .web.index import build
+
+    try:
+        indexed, unreadable = build(folder)
+    except (OSError, sqlite3.Error) as exc:
+        raise click.ClickException(visible(f"cannot index {folder}: {exc}")) from None
+    _echo(
+        f"{indexed} recording(s) indexed in {folder}"
+        + (f", {unreadable} unreadable" if unreadable else "")
+    )

@@ -1,0 +1,90 @@
+"""Serving the web view: Hypercorn's trio worker on the listen address."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+from typing import Any, cast
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+
+from ..net import is_loopback
+from .app import WebConfig, create_app
+from .index import Index
+
+__all__ = ["allowed_hosts", "bind", "serve_web", "url_of"]
+
+
+def allowed_hosts(host: str, port: int) -> frozenset[str]:
+    """The Host header values a browser sends for this address (a loopback
+    address also by the name ``localhost``)."""
+    shown = f"[{host}]" if ":" in host else host
+    names = {f"{shown}:{port}".lower()}
+    if is_loopback(host):
+        names |= {f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"}
+    return frozenset(names)
+
+
+def url_of(host: str, port: int, token: str, path: str = "/") -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}{path}?token={token}"
+
+
+def bind(listen: tuple[str, int]) -> socket.socket:
+    """The listening socket (OSError when the address cannot be had), made
+    before any loop starts so the error is one line, not a task's."""
+    family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(listen)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve_web(
+    config: WebConfig,
+    sock: socket.socket,
+    index: Index | None = None,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve on ``sock`` (from :func:`bind`) until cancelled; ``task_status``
+    gets its address. The allowed Host names follow it."""
+    host, port = sock.getsockname()[:2]
+    config.hosts = allowed_hosts(host, port)
+    app = create_app(config, index)
+    hc = Config()
+    hc.bind = [f"fd://{sock.detach()}"]  # Hypercorn owns (and closes) the socket now
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("smtpproxy.web")
+    hc.graceful_timeout = 1.0
+    stop = trio.Event()
+    shield = trio.CancelScope(shield=True)
+
+    async def run(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        # Hypercorn stops by its shutdown trigger, not by cancellation (its
+        # lifespan task fails if cancelled): shielded, and bounded once stopping
+        with shield:
+            await hypercorn_serve(
+                cast(Any, app), hc, shutdown_trigger=stop.wait, task_status=task_status
+            )
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run)
+        task_status.started((host, port))
+        try:
+            await trio.sleep_forever()
+        finally:
+            stop.set()
+            shield.deadline = trio.current_time() + 5
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(24)

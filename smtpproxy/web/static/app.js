@@ -1,0 +1,2 @@
+// smtpproxy web: small progressive enhancements; every page works without it.
+"use strict";
