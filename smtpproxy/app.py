@@ -98,6 +98,16 @@ def record(
     keylog = str(tls.keylog) if tls.keylog else os.environ.get("SSLKEYLOGFILE") or None
     ca = _setup_tls(config, tls, keylog, embedded)
     assert config.server_contexts is not None
+    if config.faults is not None and workers is None:
+        # fault counts (session#K, times=, greylist=, rate=, p=) are kept per
+        # process: one worker keeps them exact (docs/faults.md)
+        workers = 1
+    elif config.faults is not None and workers is not None and workers > 1:
+        _say(
+            f"warning: with --workers {workers}, fault rules count per worker process: "
+            "session#K, times=, greylist=, rate= and p= see only their worker's sessions "
+            "(--workers 1 keeps them exact)"
+        )
     count, config.max_sessions = plan(workers, config.max_sessions, embedded=embedded)
     config.max_sessions = fit_descriptors(
         config.max_sessions,
