@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     from .recording import Recording
 
 __all__ = [
+    "Aligned",
     "Difference",
+    "align",
     "Exchange",
     "compare_commands",
     "compare_replies",
@@ -248,43 +250,65 @@ def compare_commands(
     return out
 
 
-def diff_sessions(
-    a: Sequence[Exchange], b: Sequence[Exchange], strict: bool = False
-) -> tuple[int, list[Difference]]:
+@dataclass(frozen=True)
+class Aligned:
+    """One row of two aligned sessions: A's exchange and B's (by index;
+    None where the step is only in the other), why they differ (empty: the
+    same), and ``at``: the row's place in A's exchanges."""
+
+    a: int | None
+    b: int | None
+    reasons: list[str]
+    at: int
+
+
+def align(a: Sequence[Exchange], b: Sequence[Exchange], strict: bool = False) -> list[Aligned]:
     """Align two sessions' exchanges (by the sequence of steps, as ``diff``
     aligns lines) and compare each aligned pair: what the commands mean
-    (:func:`compare_commands`) and the replies (:func:`compare_replies`). Returns the number of
-    exchanges compared and the differences."""
+    (:func:`compare_commands`) and the replies (:func:`compare_replies`).
+    Every exchange of both is in one row, in order."""
     matcher = difflib.SequenceMatcher(
         a=[_key(x) for x in a], b=[_key(x) for x in b], autojunk=False
     )
     users_a, users_b = _auth_users(a), _auth_users(b)
-    diffs: list[Difference] = []
-    count = 0
+    rows: list[Aligned] = []
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
         if tag == "equal":
             for i, j in zip(range(i1, i2), range(j1, j2)):
-                count += 1
                 reasons = compare_commands(a[i], b[j], (users_a.get(i), users_b.get(j)), strict)
                 reasons += compare_replies(a[i].reply, b[j].reply, strict)
-                if reasons:
-                    diffs.append(
-                        Difference(
-                            i, a[i].label, a[i].reply, b[j].reply, reasons, a[i].label, b[j].label
-                        )
-                    )
+                rows.append(Aligned(i, j, reasons, i))
             continue
-        for i in range(i1, i2):
-            count += 1
-            diffs.append(
-                Difference(i, a[i].label, a[i].reply, None, ["only in A"], a[i].label, None)
+        rows += [Aligned(i, None, ["only in A"], i) for i in range(i1, i2)]
+        rows += [Aligned(None, j, ["only in B"], i1) for j in range(j1, j2)]
+    return rows
+
+
+def diff_sessions(
+    a: Sequence[Exchange], b: Sequence[Exchange], strict: bool = False
+) -> tuple[int, list[Difference]]:
+    """The rows of :func:`align` that differ. Returns the number of
+    exchanges compared and the differences."""
+    rows = align(a, b, strict)
+    diffs: list[Difference] = []
+    for row in rows:
+        ea = a[row.a] if row.a is not None else None
+        eb = b[row.b] if row.b is not None else None
+        if ea is not None and eb is not None and not row.reasons:
+            continue
+        first = ea if ea is not None else eb
+        diffs.append(
+            Difference(
+                row.at,
+                first.label if first is not None else "",
+                ea.reply if ea else None,
+                eb.reply if eb else None,
+                row.reasons,
+                ea.label if ea else None,
+                eb.label if eb else None,
             )
-        for j in range(j1, j2):
-            count += 1
-            diffs.append(
-                Difference(i1, b[j].label, None, b[j].reply, ["only in B"], None, b[j].label)
-            )
-    return count, diffs
+        )
+    return len(rows), diffs
 
 
 def tls_facts(events: Iterable[Event]) -> dict[str, str]:
