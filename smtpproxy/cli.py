@@ -579,17 +579,22 @@ def web(folder: Path, listen: tuple[str, int]) -> None:
 
 
 @main.command()
-@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("folder", type=click.Path(path_type=Path))
 def index(folder: Path) -> None:
     """(Re)build the sessions index of FOLDER (the web view's list). The
-    index is a cache: deleting it loses nothing."""
+    index is a cache: deleting it loses nothing. A recording that cannot be
+    read is named on stderr and left out; the others are indexed."""
     from .web.index import build
 
+    if not folder.is_dir():
+        raise RecordingProblem(f"{folder} is not a folder of recordings")
     try:
-        indexed, unreadable = build(folder)
+        built = build(folder)
     except (OSError, sqlite3.Error) as exc:
         raise click.ClickException(visible(f"cannot index {folder}: {exc}")) from None
+    for name, why in built.problems:
+        _echo(f"unreadable, left out: {name}: {why}", err=True)
     _echo(
-        f"{indexed} recording(s) indexed in {folder}"
-        + (f", {unreadable} unreadable" if unreadable else "")
+        f"{built.total} session(s) in the index of {folder}: {built.indexed} recording(s) read"
+        + (f", {len(built.problems)} unreadable" if built.problems else "")
     )

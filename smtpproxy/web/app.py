@@ -15,7 +15,7 @@ import secrets
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.applications import Starlette
@@ -27,6 +27,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..render import visible
 from .index import COLUMNS, Index
+
+if TYPE_CHECKING:
+    from .live import Live
 
 __all__ = ["CSP", "WebConfig", "create_app"]
 
@@ -142,6 +145,8 @@ class Context:
     config: WebConfig
     index: Index
     env: Environment
+    #: ``record --web``: the sessions being recorded, the ``/events`` stream
+    live: Live | None = None
 
     def render(self, name: str, **values: Any) -> HTMLResponse:
         return HTMLResponse(
@@ -151,15 +156,16 @@ class Context:
         )
 
 
-def create_app(config: WebConfig, index: Index | None = None) -> ASGIApp:
+def create_app(config: WebConfig, index: Index | None = None, live: Live | None = None) -> ASGIApp:
     """The web view of ``config.folder``; ``index`` is the folder's (made
-    and brought up to date here when not given)."""
+    and brought up to date here when not given); ``live``: the sessions
+    ``record --web`` is recording (smtpproxy/web/live.py)."""
     from . import listing  # the pages; each module gives its routes
 
     if index is None:
         index = Index(config.folder)
         index.update()
-    ctx = Context(config, index, templates())
+    ctx = Context(config, index, templates(), live)
     routes: list[Route | Mount] = [
         *listing.routes(ctx),
         Mount("/static", app=StaticFiles(packages=[("smtpproxy.web", "static")]), name="static"),

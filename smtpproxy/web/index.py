@@ -2,18 +2,26 @@
 
 A cache beside the recordings (``.smtpproxy-index.sqlite`` in the folder,
 0600): deleting it loses nothing, ``smtpproxy index DIR`` rebuilds it from
-the files, and the web view adds a recording when it closes. The row's
-values come from the recording through ``session.Session`` and
-``summary.SessionSummary``, which own their meaning; the index only stores
-them. Paths are stored relative to the folder and only ever come from
-listing it: an id or a filter from a URL is a value in a query, never a path.
+the files, and ``record --web`` adds a recording when it opens and again
+when it closes. The row's values come from the recording through
+``session.Session`` and ``summary.SessionSummary``, which own their meaning;
+the index only stores them. Paths are stored relative to the folder and only
+ever come from listing it: an id or a filter from a URL is a value in a
+query, never a path.
+
+Built for 100,000 rows (docs/performance.md, "Web view"): every column the
+list sorts by has an index on (column, id), so a sorted page is read from
+the index and stops after its rows; free text is one ``LIKE`` over one
+column that holds every text column (``search``), not one per column.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sqlite3
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +31,20 @@ from ..recording import Recording, RecordingError, iter_recordings, read_recordi
 from ..session import Session
 from ..summary import SessionSummary
 
-__all__ = ["COLUMNS", "Index", "Page", "row_of"]
+__all__ = [
+    "COLUMNS",
+    "Built",
+    "FilterError",
+    "Index",
+    "Page",
+    "Stored",
+    "build",
+    "read_row",
+    "row_of",
+]
 
 INDEX_NAME = ".smtpproxy-index.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: the list's columns, in order: (name, SQL type, heading)
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -50,18 +68,31 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 NAMES = tuple(c[0] for c in COLUMNS)
 #: columns matched by a filter as text (``LIKE``), the others by value
 TEXT_COLUMNS = frozenset(c[0] for c in COLUMNS if c[1] == "TEXT")
+#: stored beside the list's columns: the fault notes' text (the ``faults``
+#: filter matches it when not given a number) and the free-text haystack
+EXTRA = ("fault_text", "search")
+#: what a session still being recorded shows as "how it ended"
+CUT_SHORT = "cut short"
+
+_COMPARE = re.compile(r"\s*(>=|<=|!=|>|<|=)?\s*(.*?)\s*", re.S)
+_AUTH_OK = {"ok": 1, "yes": 1, "1": 1, "failed": 0, "no": 0, "0": 0}
+
+
+class FilterError(ValueError):
+    """A filter from the URL that means nothing for its column: the message
+    is one line naming the column and what it takes."""
 
 
 def row_of(rec: Recording) -> dict[str, Any]:
-    """A recording's row: what the list shows of it."""
+    """A recording's row: what the list shows of it (and ``EXTRA``)."""
     summary = SessionSummary()
     summary.update(rec.events())
     session = Session(rec)
     helo = next((c.arg.strip() for c in session.commands if c.verb in ("EHLO", "HELO")), "")
     tls = session.tls
-    faults = sum(1 for ev in rec.events() if isinstance(ev, Note) and ev.kind == NoteKind.FAULT)
+    faults = [ev.text for ev in rec.events() if isinstance(ev, Note) and ev.kind == NoteKind.FAULT]
     duration = rec.close.t if rec.close else (rec.entries[-1].t if rec.entries else 0.0)
-    return {
+    row: dict[str, Any] = {
         "start": rec.header.start,
         "id": rec.header.session,
         "client": rec.header.client,
@@ -74,11 +105,37 @@ def row_of(rec: Recording) -> dict[str, Any]:
         "tls_upstream": tls.upstream.version if tls and tls.upstream else "",
         "accepted": summary.messages_accepted,
         "rejected": summary.messages_rejected,
-        "faults": faults,
+        "faults": len(faults),
         "duration": round(duration, 3),
         "closed_by": rec.close.by if rec.close else "",
-        "reason": rec.close.reason if rec.close else "cut short",
+        "reason": rec.close.reason if rec.close else CUT_SHORT,
+        "fault_text": "\n".join(faults),
     }
+    row["search"] = "\n".join(str(row[n]) for n in (*sorted(TEXT_COLUMNS), "fault_text"))
+    return row
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A recording read for the index: its file's name, mtime and size, and
+    its row (None when it cannot be read; ``problem`` says why)."""
+
+    file: str
+    mtime: float
+    size: int
+    row: dict[str, Any] | None
+    problem: str = ""
+
+
+def read_row(path: Path) -> Stored:
+    """Read one recording for the index. Touches no database, so it can run
+    in a worker thread while the index serves pages."""
+    try:
+        stat = path.stat()
+        rec = read_recording(path)
+    except (OSError, RecordingError) as exc:
+        return Stored(path.name, 0.0, 0, None, str(exc))
+    return Stored(path.name, stat.st_mtime, stat.st_size, row_of(rec))
 
 
 @dataclass(frozen=True)
@@ -92,7 +149,9 @@ class Page:
 
 
 class Index:
-    """The index of one recordings folder."""
+    """The index of one recordings folder. Its methods may be called from
+    several threads (the web view reads pages in a worker thread): one lock
+    keeps them one at a time on the one connection."""
 
     def __init__(self, folder: Path, path: Path | None = None) -> None:
         self.folder = folder
@@ -101,74 +160,100 @@ class Index:
         os.close(fd)
         self.db = sqlite3.connect(self.path, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        #: the unreadable recordings met by the last ``update``: (file, why)
+        self.problems: list[tuple[str, str]] = []
         self._schema()
 
     def close(self) -> None:
-        self.db.close()
+        with self._lock:
+            self.db.close()
 
     def _schema(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version != SCHEMA_VERSION:  # a cache: an old layout is dropped and rebuilt
             self.db.execute("DROP TABLE IF EXISTS sessions")
         cols = ", ".join(f"{name} {kind}" for name, kind, _ in COLUMNS if name != "id")
+        extra = ", ".join(f"{name} TEXT" for name in EXTRA)
         self.db.execute(
             f"CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, file TEXT UNIQUE, "
-            f"mtime REAL, size INTEGER, {cols})"
+            f"mtime REAL, size INTEGER, {cols}, {extra})"
         )
-        for name in ("start", "client", "auth_user", "closed_by"):
-            self.db.execute(f"CREATE INDEX IF NOT EXISTS by_{name} ON sessions ({name})")
+        # one index per sortable column, with id (the order's tie-break):
+        # a sorted page is then a walk of the index that stops at LIMIT
+        for name in NAMES:
+            if name != "id":
+                self.db.execute(f"CREATE INDEX IF NOT EXISTS by_{name} ON sessions ({name}, id)")
         self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self.db.commit()
 
     def add(self, path: Path) -> bool:
         """Index one recording of the folder (again if it changed); False
         when it cannot be read (it is left out, the others go on)."""
-        ok = self._store(path)
-        self.db.commit()
+        return self.put(read_row(path))
+
+    def put(self, stored: Stored) -> bool:
+        """Store a recording read by :func:`read_row`; False if it was unreadable."""
+        with self._lock:
+            ok = self._put(stored)
+            self.db.commit()
         return ok
 
-    def _store(self, path: Path) -> bool:
-        try:
-            stat = path.stat()
-            rec = read_recording(path)
-        except (OSError, RecordingError):
+    def _put(self, stored: Stored) -> bool:
+        if stored.row is None:
             return False
-        row = row_of(rec)
-        names = ["file", "mtime", "size", *NAMES]
+        names = ["file", "mtime", "size", *NAMES, *EXTRA]
         self.db.execute(
             f"INSERT OR REPLACE INTO sessions ({', '.join(names)}) "
             f"VALUES ({', '.join('?' for _ in names)})",
-            [path.name, stat.st_mtime, stat.st_size, *(row[n] for n in NAMES)],
+            [
+                stored.file,
+                stored.mtime,
+                stored.size,
+                *(stored.row[n] for n in (*NAMES, *EXTRA)),
+            ],
         )
         return True
 
     def update(self) -> tuple[int, int]:
         """Bring the index up to date with the folder: new or changed files
-        added, gone ones dropped. Returns (indexed, unreadable)."""
-        known = {
-            r["file"]: (r["mtime"], r["size"])
-            for r in self.db.execute("SELECT file, mtime, size FROM sessions")
-        }
-        files = iter_recordings([self.folder]) if self.folder.is_dir() else []
-        present = {p.name for p in files}
-        gone = [name for name in known if name not in present]
-        self.db.executemany("DELETE FROM sessions WHERE file = ?", [(n,) for n in gone])
-        indexed = unreadable = 0
-        for path in files:
-            with contextlib.suppress(OSError):
-                st = path.stat()
-                if known.get(path.name) == (st.st_mtime, st.st_size):
-                    continue
-            if self._store(path):
-                indexed += 1
-            else:
-                unreadable += 1
-        self.db.commit()
-        return indexed, unreadable
+        added, gone ones dropped. Returns (indexed, unreadable); the
+        unreadable ones are in ``problems``."""
+        with self._lock:
+            known = {
+                r["file"]: (r["mtime"], r["size"])
+                for r in self.db.execute("SELECT file, mtime, size FROM sessions")
+            }
+            files = iter_recordings([self.folder]) if self.folder.is_dir() else []
+            present = {p.name for p in files}
+            gone = [name for name in known if name not in present]
+            self.db.executemany("DELETE FROM sessions WHERE file = ?", [(n,) for n in gone])
+            self.problems = []
+            indexed = 0
+            for path in files:
+                with contextlib.suppress(OSError):
+                    st = path.stat()
+                    if known.get(path.name) == (st.st_mtime, st.st_size):
+                        continue
+                stored = read_row(path)
+                if self._put(stored):
+                    indexed += 1
+                else:
+                    self.problems.append((path.name, stored.problem))
+            self.db.commit()
+        return indexed, len(self.problems)
+
+    def count(self) -> int:
+        """How many sessions the index holds."""
+        with self._lock:
+            return int(self.db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
 
     def file_of(self, session_id: str) -> Path | None:
         """The recording of a session id, from the index (never built from the id)."""
-        row = self.db.execute("SELECT file FROM sessions WHERE id = ?", (session_id,)).fetchone()
+        with self._lock:
+            row = self.db.execute(
+                "SELECT file FROM sessions WHERE id = ?", (session_id,)
+            ).fetchone()
         return self.folder / row["file"] if row is not None else None
 
     def page(
@@ -181,46 +266,89 @@ class Index:
         offset: int = 0,
         limit: int = 50,
     ) -> Page:
-        """A page of rows: ``filters`` by column (text columns match a
-        substring, case-insensitively; numbers exactly), ``text`` anywhere in
-        the text columns, sorted by a known column (else by start)."""
+        """A page of rows: ``filters`` by column (see :func:`condition`),
+        ``text`` anywhere in the text columns and the fault notes (a
+        substring, case-insensitively for ASCII), sorted by a known column
+        (else by start). Raises :class:`FilterError` for a filter that means
+        nothing for its column."""
         where: list[str] = []
         args: list[Any] = []
         for name, value in (filters or {}).items():
-            if name not in NAMES or value == "":
-                continue
-            if name in TEXT_COLUMNS:
-                where.append(f"{name} LIKE ? ESCAPE '\\'")
-                args.append(f"%{_like(value)}%")
-            else:
-                where.append(f"{name} = ?")
-                args.append(value)
+            if name in NAMES and value.strip() != "":
+                sql, values = condition(name, value)
+                where.append(sql)
+                args += values
         if text:
-            where.append(
-                "(" + " OR ".join(f"{n} LIKE ? ESCAPE '\\'" for n in sorted(TEXT_COLUMNS)) + ")"
-            )
-            args += [f"%{_like(text)}%"] * len(TEXT_COLUMNS)
+            where.append("search LIKE ? ESCAPE '\\'")
+            args.append(f"%{_like(text)}%")
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         column = sort if sort in NAMES else "start"
         order = "DESC" if descending else "ASC"
-        total = self.db.execute(f"SELECT COUNT(*) FROM sessions {clause}", args).fetchone()[0]
-        rows = self.db.execute(
-            f"SELECT {', '.join(NAMES)} FROM sessions {clause} "
-            f"ORDER BY {column} {order}, id {order} LIMIT ? OFFSET ?",
-            [*args, max(1, min(limit, 500)), max(0, offset)],
-        ).fetchall()
+        limit = max(1, min(limit, 500))
+        offset = max(0, offset)
+        with self._lock:
+            total = self.db.execute(f"SELECT COUNT(*) FROM sessions {clause}", args).fetchone()[0]
+            rows = self.db.execute(
+                f"SELECT {', '.join(NAMES)}, fault_text FROM sessions {clause} "
+                f"ORDER BY {column} {order}, id {order} LIMIT ? OFFSET ?",
+                [*args, limit, offset],
+            ).fetchall()
         return Page([dict(r) for r in rows], total, offset, limit)
+
+
+def condition(name: str, value: str) -> tuple[str, list[Any]]:
+    """The SQL condition of one column's filter (``name`` is one of
+    ``NAMES``, never a value from a URL). Text columns: a substring,
+    ``=TEXT`` exactly (``=`` alone: empty), ``>TEXT``, ``<=TEXT``...
+    compared as text (dates: ``start >2026-11-30T16``). Number columns:
+    ``N``, ``>N``, ``<=N``, ``!=N``; ``faults`` given words matches the
+    fault notes' text; ``auth_ok``: ``ok``, ``failed`` or ``none``."""
+    match = _COMPARE.fullmatch(value)
+    assert match is not None  # the pattern matches any text
+    op, operand = match.group(1), match.group(2)
+    if name == "auth_ok":
+        word = operand.lower()
+        if word in ("none", "-"):
+            return ("auth_ok IS NULL" if op != "!=" else "auth_ok IS NOT NULL"), []
+        if word not in _AUTH_OK or op not in (None, "=", "!="):
+            raise FilterError(f"filter {name}: write ok, failed or none")
+        return f"auth_ok {op or '='} ?", [_AUTH_OK[word]]
+    if name in TEXT_COLUMNS:
+        if op is None:
+            return f"{name} LIKE ? ESCAPE '\\'", [f"%{_like(operand)}%"]
+        return f"{name} {op} ?", [operand]
+    try:
+        number = float(operand)
+    except ValueError:
+        if name == "faults" and op is None:
+            return "fault_text LIKE ? ESCAPE '\\'", [f"%{_like(operand)}%"]
+        raise FilterError(
+            f"filter {name}: write a number, or >N, <N, >=N, <=N, !=N"
+            + (", or words from the fault notes" if name == "faults" else "")
+        ) from None
+    return f"{name} {op or '='} ?", [number]
 
 
 def _like(value: str) -> str:
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def build(folder: Path) -> tuple[int, int]:
+@dataclass(frozen=True)
+class Built:
+    """What ``smtpproxy index DIR`` did: recordings (re)read into the
+    index, the unreadable ones (file, why), the sessions it now holds."""
+
+    indexed: int
+    problems: list[tuple[str, str]]
+    total: int
+
+
+def build(folder: Path) -> Built:
     """``smtpproxy index DIR``: bring the folder's index up to date (made
-    if missing); (indexed, unreadable)."""
+    if missing)."""
     index = Index(folder)
     try:
-        return index.update()
+        indexed, _ = index.update()
+        return Built(indexed, index.problems, index.count())
     finally:
         index.close()

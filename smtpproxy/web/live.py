@@ -1,0 +1,141 @@
+"""``record --web``: the list grows as sessions happen.
+
+The proxy tells ``Live`` when a session's recording opens and when it
+closes (``relay.Proxy.on_session_start`` and ``on_session_end``, called in
+the proxy's trio loop, which also serves the pages). ``Live.run`` reads each
+recording into the index in a worker thread, so neither a large recording
+nor a page being read holds up the relay, then tells every open ``/events`` stream (server-sent
+events, ``text/event-stream``; the HTML Living Standard, section 9.2). The
+list page's script (static/app.js) answers an event by fetching ``/rows``
+for its own filters and putting the new rows in place.
+
+A session being recorded is in the index as what its file holds so far
+(its "how it ended" is "in progress" while ``Live`` knows it open). A
+browser that reads too slowly is dropped (its ``EventSource`` connects
+again by itself); events are never queued without bound.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import trio
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .index import Index, read_row
+
+__all__ = ["Live", "routes"]
+
+#: events a browser may fall behind by before it is dropped
+BACKLOG = 64
+#: a comment line this often keeps proxies and the browser from timing out
+KEEPALIVE = 15.0
+
+
+class Live:
+    """The sessions being recorded and the browsers listening for them."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+        #: ids of the sessions whose recording is open
+        self.active: set[str] = set()
+        self._send, self._todo = trio.open_memory_channel[tuple[str, str, Path]](math.inf)
+        self._listeners: set[trio.MemorySendChannel[str]] = set()
+        self.closed = False
+
+    # -- the proxy's side: called in its loop, never blocking ------------------
+
+    def opened(self, session_id: str, path: Path) -> None:
+        """A session's recording was created."""
+        self.active.add(session_id)
+        self._queue("open", session_id, path)
+
+    def ended(self, session_id: str, path: Path) -> None:
+        """A session's recording was closed."""
+        self._queue("closed", session_id, path)
+
+    def _queue(self, state: str, session_id: str, path: Path) -> None:
+        if not self.closed:
+            self._send.send_nowait((state, session_id, path))
+
+    # -- the loop between them -------------------------------------------------
+
+    async def run(self) -> None:
+        """Index each recording as it opens and closes, then tell the
+        browsers; until cancelled."""
+        async for state, session_id, path in self._todo:
+            await trio.to_thread.run_sync(self._index, path)
+            if state == "closed":
+                self.active.discard(session_id)
+            self._publish(json.dumps({"id": session_id, "state": state}))
+
+    def _index(self, path: Path) -> None:
+        self.index.put(read_row(path))
+
+    def _publish(self, data: str) -> None:
+        for channel in list(self._listeners):
+            try:
+                channel.send_nowait(data)
+            except trio.WouldBlock:  # too slow: dropped, its browser connects again
+                self._listeners.discard(channel)
+                channel.close()
+
+    def close(self) -> None:
+        """End every ``/events`` stream (the server is stopping)."""
+        self.closed = True
+        for channel in self._listeners:
+            channel.close()
+        self._listeners.clear()
+
+    @contextmanager
+    def listen(self) -> Iterator[trio.MemoryReceiveChannel[str]]:
+        """A browser's stream of events (JSON: ``{"id", "state"}``)."""
+        send, receive = trio.open_memory_channel[str](BACKLOG)
+        if self.closed:
+            send.close()
+        else:
+            self._listeners.add(send)
+        try:
+            yield receive
+        finally:
+            self._listeners.discard(send)
+            send.close()
+            receive.close()
+
+
+def routes(live: Live | None) -> list[Route]:
+    """``/events``: the server-sent events of ``live`` (404 when the web
+    view is not recording: ``smtpproxy web`` shows a folder as it is)."""
+
+    async def events(request: Request) -> Response:
+        if live is None:
+            return PlainTextResponse(
+                "no live updates: this is 'smtpproxy web'; 'smtpproxy record --web' has them\n",
+                status_code=404,
+            )
+        return StreamingResponse(
+            _stream(live),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-store", "x-accel-buffering": "no"},
+        )
+
+    return [Route("/events", events, name="events")]
+
+
+async def _stream(live: Live) -> AsyncIterator[str]:
+    with live.listen() as receive:
+        yield "retry: 2000\n\n"
+        while True:
+            data: str | None = None
+            with trio.move_on_after(KEEPALIVE):
+                try:
+                    data = await receive.receive()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    return
+            yield ": keep-alive\n\n" if data is None else f"event: session\ndata: {data}\n\n"
