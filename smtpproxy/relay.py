@@ -278,6 +278,8 @@ class Session(FaultSteps, TlsSteps):
 
     async def run(self) -> None:
         self.open_recording()
+        if self.proxy.on_session_start is not None:
+            self.proxy.on_session_start(self)
         self._say(f"client {self.peer} connected")
         try:
             if await self._start():
@@ -513,6 +515,8 @@ class Proxy:
         self.config = config
         self.transcript = transcript
         self.stats = ProxyStats()
+        #: called with each session once its recording is open, and when it ended
+        self.on_session_start: Callable[[Session], None] | None = None
         self.on_session_end: Callable[[Session], None] | None = None
         self._ended = trio.Event()
 
