@@ -635,7 +635,6 @@ class SessionFaults:
     def __init__(self, plan: FaultPlan, gen: _Generation, client: str, number: int) -> None:
         self._plan = plan
         self._gen = gen
-        self._index = gen.index
         self.client = _client_ip(client)
         self.number = number
         self.said: dict[str, str] = {"client": self.client}
@@ -646,6 +645,38 @@ class SessionFaults:
         self._picked = {
             id(st) for st in gen.chance if st.random and st.random.random() < (st.rule.p or 0)
         }
+        live = [st for st in gen.states if self._live(st)]
+        if len(live) == len(gen.states):
+            self._index, self._any_live = gen.index, gen.any
+        else:
+            self._index = {}
+            for st in live:
+                for name in st.rule.steps():
+                    self._index.setdefault(name, []).append(st)
+            self._any_live = any(st.rule.step == "any" for st in live)
+        #: the steps a rule can still fire at in this session (``any`` gives
+        #: every command step): the relay holds back nothing for the others
+        self.steps: frozenset[str] = frozenset(self._index)
+
+    def _live(self, st: _RuleState) -> bool:
+        """Whether the rule can fire in this session at all: what is known
+        at connect (``session#K``, ``client=``, the ``p=`` draw) allows it."""
+        rule = st.rule
+        if rule.session is not None and rule.session != self.number:
+            return False
+        if rule.p is not None and id(st) not in self._picked:
+            return False
+        return all(
+            fnmatch.fnmatchcase(self.client, pattern)
+            for name, pattern in rule.match
+            if name == "client"
+        )
+
+    @property
+    def live(self) -> bool:
+        """Some rule can still fire in this session: without one, the
+        session is relayed exactly as with no rules."""
+        return bool(self._index)
 
     def learn(
         self,
@@ -678,9 +709,9 @@ class SessionFaults:
         let it fire."""
         rules = self._index.get(step)
         if rules is None:
-            if not self._gen.any:
+            if not self._any_live:
                 return None
-        if self._gen.any and step in COMMAND_STEPS:
+        if self._any_live and step in COMMAND_STEPS:
             self._any += 1
         if rules is None:
             return None

@@ -152,10 +152,15 @@ class Session(FaultSteps, TlsSteps):
             )
         except OSError:
             self.peer = "?"
-        #: --fault rules are on: steps go on one at a time (smtpproxy/relayfaults.py)
-        self._faulty = cfg.faults is not None
+        #: some --fault rule can fire in this session: its steps are asked
+        #: before they go on (smtpproxy/relayfaults.py); without one (no
+        #: rules, or none for this session) the plain path, as without rules
+        self._faulty = False
         if cfg.faults is not None:
-            self._init_faults(cfg.faults.session(self.peer))
+            faults = cfg.faults.session(self.peer)
+            if faults.live:
+                self._faulty = True
+                self._init_faults(faults)
 
     @property
     def transcript(self) -> Transcript:

@@ -1,15 +1,18 @@
 """The relay's faults: ``--fault`` rules (smtpproxy/faults.py) applied to a
 live session between a real client and a real upstream.
 
-``FaultSteps`` is the part of ``relay.Session`` that runs when a fault plan
-is configured. Without one the session never comes here and forwards each
-read as it comes. With one, the client's bytes go upstream event by event
-(a command line only once whole, message octets as they come), so that at
-each step the session can ask ``SessionFaults.step`` before the step goes
-on; the server's bytes go to the client reply by reply, so that a reply can
-be replaced or an EHLO reply rewritten. Every event still goes to the
-observer first, and the bytes that go on are exactly the events' bytes: a
-session no rule touches relays the same octets as without rules.
+``FaultSteps`` is the part of ``relay.Session`` that runs when some rule can
+still fire in the session (``SessionFaults.live``: what is known at connect,
+``session#K``, ``client=``, a ``p=`` draw, leaves one); a session with none
+takes the relay's plain path, exactly as without rules. Here the client's
+bytes go upstream event by event (a command line only once whole, message
+octets as they come), so that at each step the session can ask
+``SessionFaults.step`` before the step goes on. What no rule stops goes on
+at once, everything a read allowed in one send; only a step a fault acts on
+(or a STARTTLS) waits for its turn. The server's side is
+``relayreplies.FaultReplies``. Every event still goes to the observer first,
+and the bytes that go on are exactly the events' bytes: a session no rule
+touches relays the same octets as without rules.
 
 Every fault that fires is a ``Note`` of kind ``fault`` naming the rule (a
 ``!!`` line in the transcript, a note in the recording); a reply the proxy
@@ -20,10 +23,7 @@ is. docs/faults.md says what each action does here.
 
 from __future__ import annotations
 
-import socket
-import struct
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,20 +33,16 @@ from .events import (
     Command,
     MessageData,
     MessageEnd,
-    Note,
-    NoteKind,
     Opaque,
     OpaqueReason,
-    Reply,
     Side,
-    TlsStart,
 )
 from .faults import ActionKind, Fault, FaultPlan, SessionFaults
-from .protocol import GREETING, StepCounter, parse_args
-from .tlsmodes import rewrite_capabilities
+from .protocol import Args, StepCounter, parse_args
+from .relayreplies import FaultReplies, ThrottledStream
 
 if TYPE_CHECKING:
-    from .events import Event
+    from .events import Event, Note
     from .protocol import Conversation
     from .relay import Proxy
     from .tlsmodes import TlsArrangement
@@ -55,7 +51,9 @@ __all__ = ["FaultSteps", "ThrottledStream", "unsupported"]
 
 #: the end of a DATA body the proxy withholds (RFC 5321 section 4.1.1.4)
 _DOT = b".\r\n"
-_STARTTLS = frozenset({"STARTTLS"})
+#: a command's step name (``SessionFaults.step``), without lower-casing each time
+_STEP_NAMES = {v.upper(): v for v in ("ehlo", "helo", "mail", "rcpt", "data", "bdat", "rset")}
+_STEP_NAMES |= {v.upper(): v for v in ("quit", "noop", "auth", "starttls", "vrfy", "expn")}
 
 
 def unsupported(plan: FaultPlan, fixed_cert: bool = False) -> str | None:
@@ -72,65 +70,19 @@ def unsupported(plan: FaultPlan, fixed_cert: bool = False) -> str | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class _Expect:
-    """A reply the upstream owes for a step the proxy forwarded: ``fault``
-    acts on it when it comes (REPLACE, or REMOVE/ADD on EHLO)."""
+@dataclass(slots=True)
+class _Held:
+    """A client step that cannot simply go on: a fault fired at it (``at``
+    says where: ``command``, ``body`` or ``dot``), or it is a STARTTLS."""
 
-    fault: Fault | None = None
-
-
-_PLAIN = _Expect()
-
-
-class ThrottledStream(trio.abc.Stream):
-    """``throttle RATE``: what goes to the client leaves at most ``rate``
-    octets a second, in tenth-of-a-second slices; what comes from it is not
-    slowed."""
-
-    def __init__(
-        self, inner: trio.abc.Stream, rate: int, progress: Callable[[], None] | None = None
-    ) -> None:
-        self.inner = inner
-        self.rate = max(1, rate)
-        #: told after each slice: a session writing slowly is not idle
-        self.progress = progress
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        step = max(1, self.rate // 10)
-        while view:
-            piece, view = view[:step], view[step:]
-            await self.inner.send_all(piece)
-            if self.progress is not None:
-                self.progress()
-            await trio.sleep(len(piece) / self.rate)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
-
-    async def send_eof(self) -> None:
-        await self.inner.send_eof()  # type: ignore[attr-defined]
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+    ev: Event
+    fault: Fault | None
+    at: str = "command"
+    data: bytes = b""
+    bdat: Args | None = None
 
 
-def _raw_socket(stream: trio.abc.Stream) -> socket.socket | None:
-    """The socket under a client's stream (TLS and throttling wrap it)."""
-    while True:
-        if isinstance(stream, trio.SocketStream):
-            return stream.socket  # type: ignore[return-value]
-        inner = getattr(stream, "transport_stream", None) or getattr(stream, "inner", None)
-        if not isinstance(inner, trio.abc.Stream):
-            return None
-        stream = inner
-
-
-class FaultSteps:
+class FaultSteps(FaultReplies):
     """Fault rules, for ``relay.Session`` (one of its base classes)."""
 
     if TYPE_CHECKING:  # what the session gives these steps
@@ -168,36 +120,24 @@ class FaultSteps:
         self._counter = StepCounter()
         if self.proxy.config.listen_tls:
             self._counter.tls = 1
+        self._init_replies()
         #: client events not yet acted on, in wire order
         self._units: deque[Event] = deque()
         #: client octets received and not yet in an event (a partial line)
         self._client_unsent = bytearray()
-        #: server octets received and not yet sent on (a partial reply)
-        self._server_unsent = bytearray()
-        #: the replies the upstream owes, first the greeting (RFC 5321 4.1.1)
-        self._expect: deque[_Expect] = deque([_PLAIN])
-        self._answered: trio.Event | None = None
         self._draining = False
-        self._drained = trio.Event()
+        self._drained: trio.Event | None = None  # made when someone waits for a drain
         self._nursery: trio.Nursery | None = None
         self._skip_chunk = False  # a BDAT the proxy answered: its chunk stays here
+        #: a ``body`` rule is live: count the message's octets
+        self._body_rule = "body" in faults.steps
+        #: a ``dot`` rule is live: hold back what may begin a body's end
+        self._hold_end = "dot" in faults.steps
         self._body_octets = 0
         self._body_prev = b"\r\n"  # the last octets sent of the body (for its end)
         self._body_held = b""  # a possible start of the body's end, held back
         self._quiet_upstream = False  # the proxy closed the upstream on purpose
         self._client_eof = False
-
-    # -- notes ---------------------------------------------------------------
-
-    def _fault_note(self, fault: Fault, what: str, raw: bytes = b"") -> Note:
-        return Note(Side.SERVER, NoteKind.FAULT, f"fault {fault.rule}: {what}", raw)
-
-    def _writing(self) -> None:
-        """A throttled write to the client moved on: the session is not idle."""
-        self._activity = trio.current_time()
-
-    def _fired(self, fault: Fault, what: str, raw: bytes = b"") -> None:
-        self.observe([self._fault_note(fault, what, raw)])
 
     # -- the client's side ------------------------------------------------------
 
@@ -208,23 +148,30 @@ class FaultSteps:
         events = self.conv.feed(Side.CLIENT, data)
         self.observe(events, now, fed=(Side.CLIENT, data))
         self._client_clocks(now)
-        self._client_unsent += data
-        self._queue(events)
+        self._queue(events, data)
         while self._draining:  # a drain the server side started: let it finish
+            if self._drained is None:
+                self._drained = trio.Event()
             await self._drained.wait()
         return await self._drain() if self._units else True
 
-    def _queue(self, events: list[Event]) -> None:
-        """Take the client's events to act on, in wire order (some come out
-        of a server read: what the client sent before a 354 it did not wait
-        for)."""
-        unsent = self._client_unsent
+    def _queue(self, events: list[Event], data: bytes | bytearray = b"") -> None:
+        """Take the client's events to act on, in wire order, and keep what
+        of ``data`` is in none yet (a partial line). Some come out of a
+        server read: what the client sent before a 354 it did not wait for."""
+        units = self._units
+        size = 0
         for ev in events:
-            if ev.side is Side.CLIENT and ev.raw:
-                del unsent[: len(ev.raw)]
-                self._units.append(ev)
+            if ev.raw:
+                if ev.side is Side.CLIENT:
+                    size += len(ev.raw)
+                    units.append(ev)
             elif type(ev) is MessageEnd:
-                self._units.append(ev)
+                units.append(ev)
+        unsent = self._client_unsent
+        if unsent or size != len(data):
+            unsent += data
+            del unsent[:size]
 
     def _take_unsent(self) -> bytes:
         """The client's partial line, when it has finished sending (its
@@ -235,22 +182,37 @@ class FaultSteps:
         return out
 
     async def _drain(self) -> bool:
-        """Act on the client's events in order. False ends the session."""
+        """Act on the client's events in order: what may go on at once goes
+        in one send; a step a fault acts on waits for what came before it.
+        False ends the session."""
         self._draining = True
         try:
             units = self._units
+            out: list[bytes] = []
             while units:
                 ev = units.popleft()
                 if self._client_eof:
                     continue
-                if not await self._act(ev):
+                step = self._pass(ev)
+                if type(step) is bytes:
+                    if step:
+                        out.append(step)
+                    continue
+                if out:
+                    await self._send(Side.SERVER, out[0] if len(out) == 1 else b"".join(out))
+                    out.clear()
+                assert isinstance(step, _Held)
+                if not await self._act(step):
                     units.clear()
                     return False
+            if out:
+                await self._send(Side.SERVER, out[0] if len(out) == 1 else b"".join(out))
             return True
         finally:
             self._draining = False
-            self._drained.set()
-            self._drained = trio.Event()
+            drained, self._drained = self._drained, None
+            if drained is not None:
+                drained.set()
 
     async def _drain_task(self) -> None:
         """A drain started by the server side, with the pump's error rules."""
@@ -263,28 +225,44 @@ class FaultSteps:
         if not ok:
             self._scope.cancel()
 
-    async def _act(self, ev: Event) -> bool:
+    def _pass(self, ev: Event) -> bytes | _Held:
+        """The client's bytes of ``ev`` to send on now (steps counted, the
+        rules asked), or what must be acted on first."""
         match ev:
             case Command():
-                return await self._command(ev)
+                fault, bdat = self._ask(ev)
+                if fault is None and ev.verb != "STARTTLS":
+                    self._owe()
+                    return ev.raw
+                return _Held(ev, fault, bdat=bdat)
             case MessageData(via="DATA"):
-                return await self._body(ev)
+                if self._body_rule:
+                    counter = self._counter
+                    self._body_octets += len(ev.raw)
+                    fault = self.faults.step(
+                        "body",
+                        nth=counter.session.get("DATA", 0),
+                        transaction=counter.transaction if counter.open else 0,
+                        octets=self._body_octets,
+                    )
+                    if fault is not None:
+                        return _Held(ev, fault, "body")
+                return self._body_end(ev) if self._hold_end else ev.raw
             case MessageData():
                 if self._skip_chunk:
                     self._skip_chunk = not ev.last
-                    return True
-                await self._send(Side.SERVER, ev.raw)
-                return True
+                    return b""
+                return ev.raw
             case MessageEnd():
                 self._counter.open = False  # the message ends its transaction
-                return True
+                return b""
             case Opaque(reason=OpaqueReason.PLAINTEXT_AFTER_STARTTLS):
-                return True  # never carried into TLS (RFC 3207 section 6)
-            case _:
-                await self._send(Side.SERVER, ev.raw)
-                return True
+                return b""  # never carried into TLS (RFC 3207 section 6)
+        return ev.raw
 
-    async def _command(self, ev: Command) -> bool:
+    def _ask(self, ev: Command) -> tuple[Fault | None, Args | None]:
+        """Count the command's step, tell the rules what it says, and ask
+        them: the fault that fires (None: none) and a BDAT's arguments."""
         verb = ev.verb
         faults = self.faults
         if verb in ("EHLO", "HELO"):
@@ -298,48 +276,61 @@ class FaultSteps:
         elif verb == "DATA":
             self._body_octets, self._body_prev, self._body_held = 0, b"\r\n", b""
         pos = self._counter.place(verb)
-        fault = faults.step(verb.lower(), nth=pos.nth, transaction=pos.transaction)
+        name = _STEP_NAMES.get(verb) or verb.lower()
+        fault = faults.step(name, nth=pos.nth, transaction=pos.transaction)
         bdat = parse_args(verb, ev.arg) if verb == "BDAT" else None
         if bdat is not None and bdat.last:
             dot = self._counter.place("<dot>")
             if fault is None:
                 fault = faults.step("dot", nth=dot.nth, transaction=pos.transaction)
+        return fault, bdat
+
+    async def _act(self, step: _Held) -> bool:
+        """Act on a step a fault fired at (or a STARTTLS)."""
+        fault = step.fault
+        if step.at == "body":
+            assert fault is not None and isinstance(step.ev, MessageData)
+            if not await self._connection_fault(fault, "in the message body"):
+                return False
+            rest = self._body_end(step.ev) if self._hold_end else step.ev.raw
+            if type(rest) is bytes:
+                if rest:
+                    await self._send(Side.SERVER, rest)
+                return True
+            assert isinstance(rest, _Held)
+            return await self._act(rest)
+        if step.at == "dot":
+            assert fault is not None
+            return await self._dot(fault, step.data)
+        assert isinstance(step.ev, Command)
+        return await self._command(step.ev, fault, step.bdat)
+
+    async def _command(self, ev: Command, fault: Fault | None, bdat: Args | None) -> bool:
         if fault is None:
-            return await self._forward_command(ev, _PLAIN)
+            return await self._forward_command(ev, None)  # STARTTLS
         kind = fault.kind
         if kind is ActionKind.REPLY:
             self._skip_chunk = bdat is not None and bool(bdat.size)
-            return await self._answer(fault, verb)
+            return await self._answer(fault, ev.verb)
         if kind in (ActionKind.REPLACE, ActionKind.REMOVE, ActionKind.ADD):
-            return await self._forward_command(ev, _Expect(fault))
-        if not await self._connection_fault(fault, f"at {verb}"):
+            return await self._forward_command(ev, fault)
+        if not await self._connection_fault(fault, f"at {ev.verb}"):
             return False
-        return await self._forward_command(ev, _PLAIN)
+        return await self._forward_command(ev, None)
 
-    async def _forward_command(self, ev: Command, expect: _Expect) -> bool:
-        self._expect.append(expect)
+    async def _forward_command(self, ev: Command, fault: Fault | None) -> bool:
         if ev.verb == "STARTTLS":
             if self.tls.answers_starttls():
-                self._expect.pop()
                 await self._answered_before()
                 return await self._local_starttls()
+            self._owe(fault)
             await self._send(Side.SERVER, ev.raw)
             await self._resume_client.wait()  # the server side handles the 220
             self._resume_client = trio.Event()
             return not self.closed_by
+        self._owe(fault)
         await self._send(Side.SERVER, ev.raw)
         return True
-
-    async def _answered_before(self) -> None:
-        """Wait until the upstream has answered every step sent before this
-        one: the proxy's own reply then goes in its turn (RFC 2920 section
-        3.1) and the Conversation pairs it with the right command."""
-        while self._expect:
-            self._answered = trio.Event()
-            try:
-                await self._answered.wait()
-            finally:
-                self._answered = None
 
     async def _answer(self, fault: Fault, what: str) -> bool:
         """REPLY: the proxy answers the client; nothing goes upstream."""
@@ -351,54 +342,13 @@ class FaultSteps:
         await self._send(Side.CLIENT, reply)
         return True
 
-    async def _connection_fault(self, fault: Fault, where: str) -> bool:
-        """DELAY, STALL, CLOSE, RESET, THROTTLE at a step; True: go on with
-        the step (after a delay, or with the client's leg now throttled)."""
-        kind = fault.kind
-        if kind is ActionKind.DELAY:
-            self._fired(fault, f"delayed {fault.seconds:g}s {where}")
-            await trio.sleep(fault.seconds)
-            return True
-        if kind is ActionKind.THROTTLE:
-            self._fired(fault, f"{where}: the client gets at most {fault.rate} octets/s from here")
-            self.streams[Side.CLIENT] = ThrottledStream(
-                self.streams[Side.CLIENT], fault.rate, self._writing
-            )
-            return True
-        if kind is ActionKind.STALL:
-            self._fired(fault, f"stalled {where}: no answer (the session's timeouts apply)")
-            await trio.sleep_forever()
-        if kind is ActionKind.RESET:
-            sock = _raw_socket(self.streams[Side.CLIENT])
-            if sock is not None:
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                except OSError:
-                    pass
-        what = "reset the client's connection (RST)" if kind is ActionKind.RESET else (
-            "closed the client's connection"
-        )  # fmt: skip
-        self._fired(fault, f"{what} {where}")
-        self._end("proxy", f"fault {fault.rule}: {what} {where}")
-        return False
-
     # -- the message's octets ------------------------------------------------
 
-    async def _body(self, ev: MessageData) -> bool:
-        """A piece of a DATA body: ``body@SIZE`` once that much has passed,
-        ``dot`` at its end. The bytes that may begin the end (``.`` or
-        ``.\\r`` after a line end) are held back until the next piece says
-        whether they are the end, so that a ``dot`` rule can withhold it."""
-        self._body_octets += len(ev.raw)
-        counter = self._counter
-        fault = self.faults.step(
-            "body",
-            nth=counter.session.get("DATA", 0),
-            transaction=counter.transaction if counter.open else 0,
-            octets=self._body_octets,
-        )
-        if fault is not None and not await self._connection_fault(fault, "in the message body"):
-            return False
+    def _body_end(self, ev: MessageData) -> bytes | _Held:
+        """A piece of a DATA body while a ``dot`` rule is live: the bytes
+        that may begin its end (``.`` or ``.\\r`` after a line end) are held
+        back until the next piece says whether they are the end, so that the
+        rule can withhold it; at the end, the ``dot`` step."""
         data = self._body_held + ev.raw
         if not ev.last:
             ctx = self._body_prev + data
@@ -407,19 +357,22 @@ class FaultSteps:
             out, self._body_held = data[: len(data) - keep], data[len(data) - keep :]
             if out:
                 self._body_prev = (self._body_prev + out)[-2:]
-                await self._send(Side.SERVER, out)
-            return True
+            return out
         self._body_held = b""
+        counter = self._counter
         dot = counter.place("<dot>")
         fault = self.faults.step("dot", nth=dot.nth, transaction=counter.transaction)
         if fault is None:
-            await self._send(Side.SERVER, data)
-            return True
+            return data
+        return _Held(ev, fault, "dot", data)
+
+    async def _dot(self, fault: Fault, data: bytes) -> bool:
+        """A rule fired at the end of a DATA body (``data``: the last piece,
+        its end included)."""
         if fault.kind is ActionKind.REPLY:
             return await self._withhold(fault, data[: len(data) - len(_DOT)])
         if fault.kind is ActionKind.REPLACE:
-            if self._expect:
-                self._expect[-1] = _Expect(fault)  # the final reply to this DATA
+            self._acting.append((self._asked, fault))  # the final reply to this DATA
             await self._send(Side.SERVER, data)
             return True
         if not await self._connection_fault(fault, "at the end of the message"):
@@ -437,8 +390,7 @@ class FaultSteps:
         reply: there is no upstream left to carry the session on."""
         if body:
             await self._send(Side.SERVER, body)
-        if self._expect:
-            self._expect.pop()  # the DATA's final reply will never come
+        self._unowe()  # the DATA's final reply will never come
         await self._answered_before()
         reply = fault.reply_bytes()
         note = self._fault_note(
@@ -456,128 +408,6 @@ class FaultSteps:
             pass
         await trio.aclose_forcefully(self.streams[Side.SERVER])
         return False
-
-    # -- the server's side ---------------------------------------------------
-
-    async def _fault_server_read(self, data: bytes | bytearray, now: float) -> bool:
-        """A server read when faults are on: observe it, then pass it on
-        reply by reply, each as its fault says. False ends the session."""
-        pending = self._server_unsent
-        pending += data
-        events = self.conv.feed(Side.SERVER, data)
-        self.observe(events, now, fed=(Side.SERVER, data))
-        tls = self.tls
-        if tls.server_answered or tls.upgrade_pending:
-            # STARTTLS's reply, or --upstream-tls starttls before the upgrade
-            care = bytes(pending)
-            pending.clear()
-            for ev in events:
-                if type(ev) is Reply and not ev.intermediate and ev.command and self._expect:
-                    self._expect.popleft()
-            self._after_replies(events)
-            return await self._with_care(Side.SERVER, care)
-        out = bytearray()
-        used = 0
-        for ev in events:
-            raw = ev.raw
-            if ev.side is Side.CLIENT or not raw:
-                continue
-            piece = bytes(pending[used : used + len(raw)])
-            used += len(raw)
-            if type(ev) is Reply:
-                fault = self._reply_fault(ev)
-                if fault is not None:
-                    if out:
-                        await self._send(Side.CLIENT, out)
-                        out = bytearray()
-                    piece, ok = await self._server_fault(fault, ev, piece)
-                    if not ok:
-                        return False
-            out += piece
-        del pending[:used]
-        if out:
-            await self._send(Side.CLIENT, out)
-        self._after_replies(events)
-        return True
-
-    def _after_replies(self, events: list[Event]) -> None:
-        """Steps counted from the server's side; client events a reply
-        released are acted on (a drain is started if none runs); whoever
-        waits for replies is woken."""
-        released = False
-        for ev in events:
-            if type(ev) is TlsStart:
-                self._counter.tls += 1  # what follows is inside TLS (RFC 3207 section 4.2)
-                self._counter.open = False
-            elif ev.side is Side.CLIENT:
-                released = True
-        if released:
-            self._queue([ev for ev in events if ev.side is Side.CLIENT])
-            if not self._draining and self._units and self._nursery is not None:
-                self._draining = True
-                self._nursery.start_soon(self._drain_task)
-        if self._answered is not None:
-            self._answered.set()
-
-    def _reply_fault(self, ev: Reply) -> Fault | None:
-        """What to do with this reply: the fault the step it answers
-        carries, or a ``greeting`` rule's; also pops the reply owed."""
-        if ev.command == GREETING:
-            if self._expect:
-                self._expect.popleft()
-            return self.faults.step("greeting")
-        if ev.command is None or ev.intermediate:
-            head = self._expect[0] if self._expect else _PLAIN
-            fault = head.fault
-            if ev.intermediate and fault is not None and fault.kind is ActionKind.REPLACE:
-                self._expect[0] = _PLAIN  # DATA's 354 or AUTH's 334 is what it replaces
-                return fault
-            return None
-        expect = self._expect.popleft() if self._expect else _PLAIN
-        if ev.command in ("EHLO",) and 200 <= ev.code < 300 and self.tls.strip:
-            if not self.conv.encrypted and expect.fault is None:
-                return _STRIP
-        return expect.fault
-
-    async def _server_fault(
-        self, fault: Fault, ev: Reply, raw: bytes | bytearray
-    ) -> tuple[bytes, bool]:
-        """Act on a reply: what goes to the client instead, and whether the
-        session goes on."""
-        said = f"{ev.code} {ev.lines[0] if ev.lines else ''}".rstrip()
-        kind = fault.kind
-        if kind in (ActionKind.REPLY, ActionKind.REPLACE):
-            reply = fault.reply_bytes()
-            step = "greeting" if ev.command == GREETING else f"reply to {ev.command}"
-            what = f"the client was told {fault.code} {fault.text} instead of the server's {step}: {said}"
-            if ev.ends_message and 200 <= ev.code < 300:
-                what += " (the server accepted the message)"
-            self._fired(fault, what, reply)
-            return reply, True
-        if kind in (ActionKind.REMOVE, ActionKind.ADD) or fault is _STRIP:
-            strip = self.tls.strip and not self.conv.encrypted
-            remove = frozenset(fault.capabilities) if kind is ActionKind.REMOVE else frozenset()
-            add = fault.capabilities if kind is ActionKind.ADD else ()
-            out, _ = rewrite_capabilities(
-                raw, mask=_STARTTLS if strip else frozenset(), remove=remove, add=add
-            )
-            if strip and not self.tls.stripped and out != bytes(raw):
-                self.tls.stripped = True
-                self.observe(
-                    [
-                        Note(
-                            Side.SERVER,
-                            NoteKind.STRIP_STARTTLS,
-                            "STARTTLS hidden from the client's EHLO reply",
-                        )
-                    ]
-                )
-            if fault is not _STRIP:
-                self._fired(fault, f"{fault.describe()}; the client got this EHLO reply", out)
-            return out, True
-        if not await self._connection_fault(fault, f"at the server's {said}"):
-            return b"", False
-        return bytes(raw), True
 
     # -- the connection --------------------------------------------------------
 
@@ -615,7 +445,3 @@ class FaultSteps:
                     pass
             return False
         return await self._connection_fault(fault, "at connect")
-
-
-#: ``--strip-starttls`` on an EHLO reply no rule rewrites (the relay's own rewrite)
-_STRIP = Fault("--strip-starttls", ActionKind.REMOVE)
