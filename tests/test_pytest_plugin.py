@@ -76,6 +76,20 @@ def test_smtp_sink_receives_what_smtplib_sends(pytester: pytest.Pytester) -> Non
             assert smtp_sink.sessions == []
         """
     )
+    pytester.makeconftest(
+        """
+        import os, threading
+        import pytest
+
+        @pytest.fixture(autouse=True)
+        def no_leak():
+            fds = sorted(os.listdir("/proc/self/fd"))
+            yield
+            # every server thread joined, every socket and file closed
+            assert [t for t in threading.enumerate() if t.name == "smtpproxy"] == []
+            assert sorted(os.listdir("/proc/self/fd")) == fds
+        """
+    )
     result = run(pytester)
     result.assert_outcomes(passed=2)
 
