@@ -18,11 +18,13 @@ import functools
 import os
 import signal
 import socket
+import sqlite3
 import stat
 import sys
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -43,6 +45,10 @@ from .tls import (
     private_keylog,
 )
 from .workers import WorkerGroup, plan, stop_signals
+
+if TYPE_CHECKING:
+    from .web.app import WebConfig
+    from .web.live import Live
 
 __all__ = ["StartError", "TlsFiles", "fit_descriptors", "local_ca", "record", "sink"]
 
@@ -81,13 +87,16 @@ def record(
     workers: int | None = None,
     embedded: bool = False,
     reload: FaultSource | None = None,
+    web: tuple[str, int] | None = None,
 ) -> bool:
     """Relay clients as ``config`` says until SIGINT, SIGTERM or SIGHUP, in
     one process or ``workers`` (default: one per core; one with the
     ``embedded`` upstream, which this process then runs). Fills in
     ``config``'s TLS contexts and the sessions each process may hold.
     ``reload``: SIGHUP re-reads the fault rules from it instead of stopping.
-    Returns True when every worker ended cleanly."""
+    ``web``: also serve the web view of the recordings there, live, from
+    this one process (docs/web.md). Returns True when every worker ended
+    cleanly."""
     if config.recordings is not None:
         prepare_recordings(config.recordings)
     if not is_loopback(config.listen[0]):
@@ -108,21 +117,29 @@ def record(
             "session#K, times=, greylist=, rate= and p= see only their worker's sessions "
             "(--workers 1 keeps them exact)"
         )
+    if web is not None:
+        workers = 1  # the pages are served from the proxy's own loop (cli.py refuses more)
     count, config.max_sessions = plan(workers, config.max_sessions, embedded=embedded)
     config.max_sessions = fit_descriptors(
         config.max_sessions,
         count,
         per_session=3 + embedded + (keylog is not None),
-        held=config.server_contexts.descriptors() + (keylog is not None),
+        held=config.server_contexts.descriptors()
+        + (keylog is not None)
+        + (WEB_DESCRIPTORS if web is not None else 0),
     )
     if count > 1:
         totals, ok = _record_in_workers(config, transcript, count, ca, reload)
     else:
         service = Service(config, transcript, embedded_sink(config, ca) if embedded else None)
+        live = _live_web(config.recordings, web) if web is not None else None
         try:
-            trio.run(_run_record, service, ca, reload)
+            trio.run(_run_record, service, ca, reload, live)
         except OSError as exc:
             raise _cannot_listen(config.listen, exc) from None
+        finally:
+            if live is not None:
+                live.close()
         totals, ok = dataclasses.asdict(service.proxy.stats), True
     _say(
         f"smtpproxy: {totals.get('sessions', 0)} session(s), {totals.get('recordings', 0)} recording(s) "
@@ -340,13 +357,25 @@ def _reload_faults(plan: FaultPlan | None, source: FaultSource, quiet: bool = Fa
 
 
 async def _run_record(
-    service: Service, ca: CertificateAuthority | None, reload: FaultSource | None = None
+    service: Service,
+    ca: CertificateAuthority | None,
+    reload: FaultSource | None = None,
+    web: LiveWeb | None = None,
 ) -> None:
     await service.listen()
     with _stop_signals(reload) as signals:
         async with trio.open_nursery() as nursery:
+            if web is not None:
+                web.live.follow(service.proxy)
+                web_address = await nursery.start(web.serve)
             address = await nursery.start(service.run)
             _banner(address, service.config, ca)
+            if web is not None:
+                _say(
+                    f"smtpproxy: the web view of {web.folder}/ is served on {web_address[0]}:"
+                    f"{web_address[1]}, live; open"
+                )
+                _say(f"  {web.url(web_address)}")
             await _first(signals, service.config.faults, reload)
             nursery.cancel_scope.cancel()
 
@@ -404,16 +433,82 @@ def sink(listen: tuple[str, int], config: SinkConfig, reload: FaultSource | None
     )
 
 
+def _web_warning(host: str) -> None:
+    if not is_loopback(host):
+        _say(
+            f"warning: the web view listens on {host}, not loopback: the pages show the "
+            "recordings' credentials to anyone who has the address and its token"
+        )
+
+
+#: descriptors ``record --web`` keeps for its pages: the index (and its
+#: journal), the listening socket, a few browsers
+WEB_DESCRIPTORS = 16
+
+
+@dataclass
+class LiveWeb:
+    """``record --web``: the web view's socket, config, index and ``Live``,
+    made before the loop starts so a failure is one line."""
+
+    folder: Path
+    sock: socket.socket
+    config: WebConfig
+    live: Live
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        from .web.serve import serve_web
+
+        await serve_web(self.config, self.sock, self.live.index, self.live, task_status=task_status)
+
+    def url(self, address: tuple[str, int]) -> str:
+        from .web.serve import url_of
+
+        return url_of(address[0], address[1], self.config.token)
+
+    def close(self) -> None:
+        self.live.close()
+        self.live.index.close()
+        self.sock.close()
+
+
+def _live_web(folder: Path | None, listen: tuple[str, int]) -> LiveWeb:
+    """Bind the web view's address and bring the folder's index up to date
+    (``record --web``); a failure is a ``StartError``."""
+    from .web.app import WebConfig
+    from .web.index import INDEX_NAME, Index
+    from .web.live import Live
+    from .web.serve import bind
+
+    if folder is None:
+        raise StartError("--web shows the recordings: it needs a --recordings folder")
+    _web_warning(listen[0])
+    try:
+        sock = bind(listen)
+    except OSError as exc:
+        raise StartError(
+            f"cannot serve the web view on {listen[0]}:{listen[1]}: {exc.strerror or exc}; "
+            "choose another address with --web [HOST:]PORT"
+        ) from None
+    try:
+        index = Index(folder)
+        index.update()
+    except (OSError, sqlite3.Error) as exc:
+        sock.close()
+        raise StartError(
+            f"cannot use the index {folder / INDEX_NAME}: {exc}; delete it (it is a cache)"
+        ) from None
+    return LiveWeb(folder, sock, WebConfig(folder), Live(index))
+
+
 def web(folder: Path, listen: tuple[str, int]) -> None:
     """``smtpproxy web``: serve the web view of ``folder`` until a stop signal."""
     from .web.app import WebConfig
     from .web.serve import bind, serve_web, url_of
 
-    if not is_loopback(listen[0]):
-        _say(
-            f"warning: listening on {listen[0]}, not loopback: the pages show the recordings' "
-            "credentials to anyone who has the address and its token"
-        )
+    _web_warning(listen[0])
     config = WebConfig(folder)
     try:
         sock = bind(listen)

@@ -74,6 +74,7 @@ def main() -> None:
 @options.color
 @options.fault
 @options.faults_file
+@options.web
 @click.pass_context
 def record(
     ctx: click.Context,
@@ -101,6 +102,7 @@ def record(
     color: bool | None,
     fault_rules: tuple[str, ...],
     faults_file: Path | None,
+    web: tuple[str, int] | None,
 ) -> None:
     """Relay mail clients to an SMTP server, showing and recording every
     command and reply.
@@ -110,6 +112,13 @@ def record(
     """
     if key is not None and cert is None:
         raise click.UsageError("--key goes with --cert")
+    if web is not None and workers is not None and workers > 1:
+        raise click.UsageError(
+            "--web serves the pages from the proxy's own process: leave out --workers "
+            "(or give --workers 1)"
+        )
+    if web is not None and web[1] != 0 and web == listen:
+        raise click.UsageError("--web and --listen name the same address: give them two ports")
     plan = _fault_plan(fault_rules, faults_file)
     refusal = (
         relayfaults.unsupported(plan, fixed_cert=cert is not None) if plan is not None else None
@@ -147,6 +156,7 @@ def record(
             workers,
             embedded=upstream is None,
             reload=FaultSource(fault_rules, faults_file) if faults_file else None,
+            web=web,
         )
     except app.StartError as exc:
         raise click.ClickException(str(exc)) from None

@@ -251,6 +251,29 @@ workers = click.option(
     "Default: one per core, at most 8; 1 with the embedded upstream.",
 )
 
+
+def _web_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """``[HOST:]PORT``: a port alone is on 127.0.0.1 (the pages show credentials)."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        if text.isascii() and text.isdigit():
+            return parse_hostport(f"127.0.0.1:{text}")
+        return parse_hostport(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+web = click.option(
+    "--web",
+    metavar="[HOST:]PORT",
+    default=None,
+    callback=_web_address,
+    help="Also serve the web view of the recordings on [HOST:]PORT (127.0.0.1 unless a host "
+    "is given), sessions listed as they happen; runs one process (no --workers N).",
+)
+
 # -- sink, ca ------------------------------------------------------------------
 
 hostname = click.option("--hostname", default=None, help="Name in the greeting and EHLO reply.")

@@ -22,6 +22,7 @@ import math
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 from starlette.requests import Request
@@ -29,6 +30,9 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .index import Index, read_row
+
+if TYPE_CHECKING:
+    from ..relay import Proxy, Session
 
 __all__ = ["Live", "routes"]
 
@@ -50,6 +54,21 @@ class Live:
         self.closed = False
 
     # -- the proxy's side: called in its loop, never blocking ------------------
+
+    def follow(self, proxy: Proxy) -> None:
+        """Be told of ``proxy``'s sessions (its ``on_session_start`` and
+        ``on_session_end``); a session without a recording is not listed."""
+
+        def started(session: Session) -> None:
+            if session.recorder is not None:
+                self.opened(session.id, session.recorder.path)
+
+        def ended(session: Session) -> None:
+            if session.recorder is not None:
+                self.ended(session.id, session.recorder.path)
+
+        proxy.on_session_start = started
+        proxy.on_session_end = ended
 
     def opened(self, session_id: str, path: Path) -> None:
         """A session's recording was created."""

@@ -14,6 +14,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from ..net import is_loopback
 from .app import WebConfig, create_app
 from .index import Index
+from .live import Live
 
 __all__ = ["allowed_hosts", "bind", "serve_web", "url_of"]
 
@@ -52,14 +53,17 @@ async def serve_web(
     config: WebConfig,
     sock: socket.socket,
     index: Index | None = None,
+    live: Live | None = None,
     *,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve on ``sock`` (from :func:`bind`) until cancelled; ``task_status``
-    gets its address. The allowed Host names follow it."""
+    gets its address. The allowed Host names follow it. ``live``
+    (``record --web``): its recordings are indexed and its ``/events``
+    served while this runs, and its streams ended when it stops."""
     host, port = sock.getsockname()[:2]
     config.hosts = allowed_hosts(host, port)
-    app = create_app(config, index)
+    app = create_app(config, index, live)
     hc = Config()
     hc.bind = [f"fd://{sock.detach()}"]  # Hypercorn owns (and closes) the socket now
     hc.accesslog = None
@@ -77,11 +81,15 @@ async def serve_web(
             )
 
     async with trio.open_nursery() as nursery:
+        if live is not None:
+            nursery.start_soon(live.run)
         await nursery.start(run)
         task_status.started((host, port))
         try:
             await trio.sleep_forever()
         finally:
+            if live is not None:
+                live.close()  # the event streams end, so Hypercorn need not wait for them
             stop.set()
             shield.deadline = trio.current_time() + 5
 
