@@ -160,7 +160,7 @@ def create_app(config: WebConfig, index: Index | None = None, live: Live | None 
     """The web view of ``config.folder``; ``index`` is the folder's (made
     and brought up to date here when not given); ``live``: the sessions
     ``record --web`` is recording (smtpproxy/web/live.py)."""
-    from . import listing  # the pages; each module gives its routes
+    from . import compare, listing, messagepage, sessionpage  # the pages: each gives its routes
 
     if index is None:
         index = Index(config.folder)
@@ -168,6 +168,9 @@ def create_app(config: WebConfig, index: Index | None = None, live: Live | None 
     ctx = Context(config, index, templates(), live)
     routes: list[Route | Mount] = [
         *listing.routes(ctx),
+        *sessionpage.routes(ctx),
+        *messagepage.routes(ctx),
+        *compare.routes(ctx),
         Mount("/static", app=StaticFiles(packages=[("smtpproxy.web", "static")]), name="static"),
     ]
     app = Starlette(routes=routes)
