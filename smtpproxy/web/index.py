@@ -22,6 +22,7 @@ import os
 import re
 import sqlite3
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ __all__ = [
     "build",
     "read_row",
     "row_of",
+    "search_text",
 ]
 
 INDEX_NAME = ".smtpproxy-index.sqlite"
@@ -111,8 +113,13 @@ def row_of(rec: Recording) -> dict[str, Any]:
         "reason": rec.close.reason if rec.close else CUT_SHORT,
         "fault_text": "\n".join(faults),
     }
-    row["search"] = "\n".join(str(row[n]) for n in (*sorted(TEXT_COLUMNS), "fault_text"))
+    row["search"] = search_text(row)
     return row
+
+
+def search_text(row: dict[str, Any]) -> str:
+    """What free text is looked for in: every text column and the fault notes."""
+    return "\n".join(str(row[n]) for n in (*sorted(TEXT_COLUMNS), "fault_text"))
 
 
 @dataclass(frozen=True)
@@ -194,10 +201,14 @@ class Index:
 
     def put(self, stored: Stored) -> bool:
         """Store a recording read by :func:`read_row`; False if it was unreadable."""
+        return self.put_all([stored]) == 1
+
+    def put_all(self, stored: Iterable[Stored]) -> int:
+        """Store many in one transaction; how many were readable."""
         with self._lock:
-            ok = self._put(stored)
+            count = sum(self._put(one) for one in stored)
             self.db.commit()
-        return ok
+        return count
 
     def _put(self, stored: Stored) -> bool:
         if stored.row is None:
