@@ -493,8 +493,7 @@ def _live_web(folder: Path | None, listen: tuple[str, int]) -> LiveWeb:
             "choose another address with --web [HOST:]PORT"
         ) from None
     try:
-        index = Index(folder)
-        index.update()
+        index = Index(folder)  # brought up to date by Live.run, beside the proxy
     except (OSError, sqlite3.Error) as exc:
         sock.close()
         raise StartError(
@@ -506,6 +505,7 @@ def _live_web(folder: Path | None, listen: tuple[str, int]) -> LiveWeb:
 def web(folder: Path, listen: tuple[str, int]) -> None:
     """``smtpproxy web``: serve the web view of ``folder`` until a stop signal."""
     from .web.app import WebConfig
+    from .web.index import INDEX_NAME, Index
     from .web.serve import bind, serve_web, url_of
 
     _web_warning(listen[0])
@@ -514,14 +514,33 @@ def web(folder: Path, listen: tuple[str, int]) -> None:
         sock = bind(listen)
     except OSError as exc:
         raise _cannot_listen(listen, exc) from None
+    try:
+        index = Index(folder)
+        indexed, unreadable = index.update()
+    except (OSError, sqlite3.Error) as exc:
+        sock.close()
+        raise StartError(
+            f"cannot use the index {folder / INDEX_NAME}: {exc}; delete it (it is a cache)"
+        ) from None
+    _say(
+        f"smtpproxy web: {index.count()} session(s) in {folder}/, {indexed} recording(s) read now"
+        + (
+            f", {unreadable} unreadable ('smtpproxy index {folder}' names them)"
+            if unreadable
+            else ""
+        )
+    )
 
     async def run() -> None:
         with _stop_signals() as signals:
             async with trio.open_nursery() as nursery:
-                host, port = await nursery.start(serve_web, config, sock)
+                host, port = await nursery.start(serve_web, config, sock, index)
                 _say(f"smtpproxy web: listening on {host}:{port} (Ctrl-C to stop); open")
                 _say(f"  {url_of(host, port, config.token)}")
                 await _first(signals)
                 nursery.cancel_scope.cancel()
 
-    trio.run(run)
+    try:
+        trio.run(run)
+    finally:
+        index.close()

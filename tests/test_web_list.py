@@ -330,7 +330,9 @@ def sse_events(response: http.client.HTTPResponse, wanted: int) -> list[dict[str
     raise AssertionError(f"only {events} in the stream")
 
 
-def test_record_web_lists_sessions_live(tmp_path: Path) -> None:
+def test_record_web_lists_sessions_live(folder: Path, tmp_path: Path) -> None:
+    assert folder == tmp_path / "recordings"  # record's default, in its cwd
+    record_mail(folder, {"olga": 0})  # before: indexed when record starts
     args = ["record", "--listen", "127.0.0.1:0", "--web", "127.0.0.1:0"]
     with smtpproxy_process(*args, cwd=tmp_path) as proxy:
         line = proxy._wait(proxy.err, b"?token=", TIMEOUT).decode()
@@ -359,14 +361,20 @@ def test_record_web_lists_sessions_live(tmp_path: Path) -> None:
             assert stream.readline() == b"retry: 2000\n"  # listening from here on
             with smtplib.SMTP(*proxy.address, timeout=TIMEOUT) as client:
                 client.login("livia", "s3cret")
+                (opened,) = sse_events(stream, 1)
+                assert opened["state"] == "open"
+                # listed while it happens
+                (now,) = rows_of(get(web, f"/?id={opened['id']}", cookie).text)
+                assert now["id"] == opened["id"] and now["reason"] == "in progress"
                 client.sendmail(
                     "livia@example.org", ["bob@example.net"], "Subject: hi\r\n\r\nx\r\n"
                 )
-            opened, closed = sse_events(stream, 2)
+            (closed,) = sse_events(stream, 1)
         finally:
             conn.close()
-        assert opened["state"] == "open" and closed == {"id": opened["id"], "state": "closed"}
-        (row,) = rows_of(get(web, "/", cookie).text)
+        assert closed == {"id": opened["id"], "state": "closed"}
+        row, old = rows_of(get(web, "/", cookie).text)
+        assert old["auth_user"] == "olga"
         assert row["id"] == opened["id"] and row["auth_user"] == "livia"
         assert row["accepted"] == "1" and row["reason"].endswith("closed the connection")
         fragment = get(web, "/rows?auth_user=livia", cookie).text
@@ -375,6 +383,23 @@ def test_record_web_lists_sessions_live(tmp_path: Path) -> None:
     assert finished.returncode == 0, finished.stderr
     assert "Traceback" not in finished.stderr
     assert "1 session(s), 1 recording(s)" in finished.stderr
+
+
+def test_smtpproxy_web_serves_a_folder(folder: Path, tmp_path: Path) -> None:
+    record_mail(folder, {"ann": 1, "bea": 0})
+    with smtpproxy_process("web", str(folder), "--listen", "127.0.0.1:0", cwd=tmp_path) as web:
+        assert f"2 session(s) in {folder}/, 2 recording(s) read now" in web.err.decode()
+        line = web._wait(web.err, b"?token=", TIMEOUT).decode()
+        token = line.rsplit("token=", 1)[1].strip()
+        entered = get(web.address, f"/?token={token}&sort=auth_user&order=asc")
+        assert entered.status == 303
+        cookie = entered.headers.get("set-cookie", "").split(";")[0]
+        page = get(web.address, entered.headers["location"], cookie)
+        assert column(page.text, "auth_user") == ["ann", "bea"]
+        assert "data-live" not in page.text  # a folder as it is: no live updates
+        assert get(web.address, "/events", cookie).status == 404
+        finished = web.finish()
+    assert finished.returncode == 0 and "Traceback" not in finished.stderr
 
 
 def test_record_web_start_errors(tmp_path: Path) -> None:

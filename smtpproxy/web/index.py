@@ -73,6 +73,8 @@ TEXT_COLUMNS = frozenset(c[0] for c in COLUMNS if c[1] == "TEXT")
 #: stored beside the list's columns: the fault notes' text (the ``faults``
 #: filter matches it when not given a number) and the free-text haystack
 EXTRA = ("fault_text", "search")
+#: recordings ``update`` stores in one transaction
+BATCH = 200
 #: what a session still being recorded shows as "how it ended"
 CUT_SHORT = "cut short"
 
@@ -168,12 +170,14 @@ class Index:
         self.db = sqlite3.connect(self.path, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
+        self._closed = False
         #: the unreadable recordings met by the last ``update``: (file, why)
         self.problems: list[tuple[str, str]] = []
         self._schema()
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self.db.close()
 
     def _schema(self) -> None:
@@ -206,6 +210,8 @@ class Index:
     def put_all(self, stored: Iterable[Stored]) -> int:
         """Store many in one transaction; how many were readable."""
         with self._lock:
+            if self._closed:
+                return 0
             count = sum(self._put(one) for one in stored)
             self.db.commit()
         return count
@@ -213,6 +219,11 @@ class Index:
     def _put(self, stored: Stored) -> bool:
         if stored.row is None:
             return False
+        before = self.db.execute(
+            "SELECT mtime FROM sessions WHERE file = ?", (stored.file,)
+        ).fetchone()
+        if before is not None and before["mtime"] > stored.mtime:
+            return True  # a later read of the file is in already (record --web)
         names = ["file", "mtime", "size", *NAMES, *EXTRA]
         self.db.execute(
             f"INSERT OR REPLACE INTO sessions ({', '.join(names)}) "
@@ -229,30 +240,41 @@ class Index:
     def update(self) -> tuple[int, int]:
         """Bring the index up to date with the folder: new or changed files
         added, gone ones dropped. Returns (indexed, unreadable); the
-        unreadable ones are in ``problems``."""
+        unreadable ones are in ``problems``. Files are read outside the lock
+        and stored a batch at a time, so pages are served meanwhile (``record
+        --web`` runs this in a thread beside the proxy); ``close`` stops it."""
         with self._lock:
             known = {
                 r["file"]: (r["mtime"], r["size"])
                 for r in self.db.execute("SELECT file, mtime, size FROM sessions")
             }
-            files = iter_recordings([self.folder]) if self.folder.is_dir() else []
-            present = {p.name for p in files}
-            gone = [name for name in known if name not in present]
+        files = iter_recordings([self.folder]) if self.folder.is_dir() else []
+        present = {p.name for p in files}
+        gone = [name for name in known if name not in present]
+        with self._lock:
             self.db.executemany("DELETE FROM sessions WHERE file = ?", [(n,) for n in gone])
-            self.problems = []
-            indexed = 0
-            for path in files:
-                with contextlib.suppress(OSError):
-                    st = path.stat()
-                    if known.get(path.name) == (st.st_mtime, st.st_size):
-                        continue
-                stored = read_row(path)
-                if self._put(stored):
-                    indexed += 1
-                else:
-                    self.problems.append((path.name, stored.problem))
             self.db.commit()
-        return indexed, len(self.problems)
+        problems: list[tuple[str, str]] = []
+        batch: list[Stored] = []
+        indexed = 0
+        for path in files:
+            if self._closed:
+                break
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                if known.get(path.name) == (st.st_mtime, st.st_size):
+                    continue
+            stored = read_row(path)
+            if stored.row is None:
+                problems.append((path.name, stored.problem))
+                continue
+            batch.append(stored)
+            if len(batch) == BATCH:
+                indexed += self.put_all(batch)
+                batch = []
+        indexed += self.put_all(batch)
+        self.problems = problems
+        return indexed, len(problems)
 
     def count(self) -> int:
         """How many sessions the index holds."""

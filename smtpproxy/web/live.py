@@ -86,8 +86,18 @@ class Live:
     # -- the loop between them -------------------------------------------------
 
     async def run(self) -> None:
-        """Index each recording as it opens and closes, then tell the
-        browsers; until cancelled."""
+        """Bring the index up to date with the folder, then index each
+        recording as it opens and closes and tell the browsers; until
+        cancelled. Both in a worker thread: a folder of 10,000 new
+        recordings takes a while (docs/performance.md), and the proxy
+        relays meanwhile; sessions made in that while are listed after it."""
+        # abandoned when cancelled: Index.close() stops it at its next file
+        indexed, _ = await trio.to_thread.run_sync(self.index.update, abandon_on_cancel=True)
+        if indexed:
+            self._publish(json.dumps({"state": "indexed", "count": indexed}))
+        await self._follow()
+
+    async def _follow(self) -> None:
         async for state, session_id, path in self._todo:
             await trio.to_thread.run_sync(self._index, path)
             if state == "closed":
