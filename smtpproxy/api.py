@@ -281,6 +281,8 @@ class Starter:
         out = self._transcript if self._transcript is not None else cast(TextIO, _Discard())
         label = "mock of" if self._kind == "mock" else "embedded sink"
         self.service = Service(config, Transcript(out), self.embedded, label=label)
+        if isinstance(self.embedded, MockServer):
+            self.service.proxy.on_withheld = self.embedded.withheld  # as mockrun does
 
     async def _watch(self) -> None:
         """Wake the synchronous waiters as each session ends."""

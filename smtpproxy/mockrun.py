@@ -68,6 +68,7 @@ def mock(
         handshake_timeout=config.handshake_timeout or 30.0,
     )
     service = Service(config, transcript, server, label=f"mock of {_label(scripts)}")
+    service.proxy.on_withheld = server.withheld  # fault replies count as steps
 
     async def run() -> None:
         await service.listen()

@@ -68,6 +68,8 @@ class MockServer:
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
         self.sessions: list[MockSession] = []
+        #: the sessions going on, by the client's port (the proxy's upstream leg)
+        self._players: dict[int, Player] = {}
         #: connections so far
         self.started = 0
         self._ended = trio.Event()
@@ -83,6 +85,13 @@ class MockServer:
         addr = listeners[0].socket.getsockname()
         task_status.started((addr[0], addr[1]))
         await trio.serve_listeners(self.handle, listeners)
+
+    def withheld(self, port: int | None, verb: str) -> None:
+        """The proxy in front answered the command ``verb`` of the session
+        on ``port`` itself (a fault rule's reply): the player counts it."""
+        player = self._players.get(port) if port is not None else None
+        if player is not None:
+            player.skip(verb)
 
     async def wait_sessions(self, count: int) -> None:
         """Until ``count`` sessions have ended (their departures are known)."""
@@ -101,6 +110,9 @@ class MockServer:
         player = Player(script, self.options)
         session = MockSession(number, script.path)
         reported = 0
+        port = _peer_port(stream)
+        if port is not None:
+            self._players[port] = player
         try:
             if self.implicit_tls:
                 tls = await self._handshake(stream)
@@ -139,6 +151,8 @@ class MockServer:
             ):
                 await stream.send_all(format_reply(421, "4.3.0 internal error, closing"))
         finally:
+            if port is not None:
+                self._players.pop(port, None)
             session.departures = player.finish()
             for d in session.departures[reported:]:
                 self._say(number, d.describe())
@@ -162,3 +176,11 @@ class MockServer:
             )
         except HandshakeFailed:
             return None
+
+
+def _peer_port(stream: trio.abc.Stream) -> int | None:
+    """The connecting side's port: the proxy's upstream leg, on loopback."""
+    if isinstance(stream, trio.SocketStream):
+        with contextlib.suppress(OSError):
+            return int(stream.socket.getpeername()[1])
+    return None

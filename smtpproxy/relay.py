@@ -14,6 +14,7 @@ thinks can stop or alter the flow: its events only describe it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import math
@@ -270,6 +271,17 @@ class Session(FaultSteps, TlsSteps):
         finally:
             lock.release()
 
+    def upstream_port(self) -> int | None:
+        """The local port of the upstream connection (None: none yet, or
+        not a socket)."""
+        stream = self.streams.get(Side.SERVER)
+        while isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        if isinstance(stream, trio.SocketStream):
+            with contextlib.suppress(OSError):
+                return int(stream.socket.getsockname()[1])
+        return None
+
     def _end(self, by: str, reason: str) -> None:
         if not self.closed_by:
             if by == "client" and self.tls.client_silent:
@@ -523,6 +535,10 @@ class Proxy:
         #: called with each session once its recording is open, and when it ended
         self.on_session_start: Callable[[Session], None] | None = None
         self.on_session_end: Callable[[Session], None] | None = None
+        #: a fault rule answered a command that never went upstream: called
+        #: with the upstream connection's local port and the verb (the mock
+        #: server behind the proxy counts the step all the same)
+        self.on_withheld: Callable[[int | None, str], None] | None = None
         self._ended = trio.Event()
 
     async def wait_sessions_ended(self, count: int) -> None:

@@ -88,6 +88,9 @@ class FaultSteps(FaultReplies):
     if TYPE_CHECKING:  # what the session gives these steps
         proxy: Proxy
         conv: Conversation
+
+        def upstream_port(self) -> int | None: ...
+
         tls: TlsArrangement
         streams: dict[Side, trio.abc.Stream]
         closed_by: str
@@ -311,6 +314,8 @@ class FaultSteps(FaultReplies):
         kind = fault.kind
         if kind is ActionKind.REPLY:
             self._skip_chunk = bdat is not None and bool(bdat.size)
+            if self.proxy.on_withheld is not None:  # the mock keeps its step count
+                self.proxy.on_withheld(self.upstream_port(), ev.verb)
             return await self._answer(fault, ev.verb)
         if kind in (ActionKind.REPLACE, ActionKind.REMOVE, ActionKind.ADD):
             return await self._forward_command(ev, fault)

@@ -302,3 +302,21 @@ def test_ctrl_c_ends_the_mock_with_the_exit_status(tmp_path: Path) -> None:
     assert finished.returncode == 1
     assert "this client stopped before the recorded client's" in finished.stderr
     assert "Traceback" not in finished.stderr
+
+
+def test_fault_rules_apply_on_top_of_the_recorded_server(tmp_path: Path) -> None:
+    three = ["bob@example.net", "carol@example.net", "dan@example.net"]
+    (original,) = record(tmp_path, [plain_client(rcpts=three)])
+    rule = "rcpt#2: 452 4.5.3 Too many recipients"
+    mock = Mock(tmp_path, [original], 1, "--fault", rule)
+    done, results = mock.run(plain_client(rcpts=three))
+    assert results == [{"carol@example.net": (452, b"4.5.3 Too many recipients")}]
+    # the rule answered the second RCPT before the mock: the third is still the
+    # recorded third, so the client did what the recorded one did
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert report(done)["departures"] == 0
+    (mocked,) = mock.recordings()
+    notes = [
+        e.event for e in read_recording(mocked).entries if getattr(e.event, "kind", "") == "fault"
+    ]
+    assert len(notes) == 1 and rule in notes[0].text
