@@ -57,7 +57,7 @@ def run(pytester: pytest.Pytester, *args: str, subprocess: bool = False) -> pyte
 
 def test_smtp_sink_receives_what_smtplib_sends(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
-        test_sink="""
+        test_inner_sink="""
         from helpers import send
 
         def test_send(smtp_sink, tmp_path):
@@ -96,7 +96,7 @@ def test_smtp_sink_receives_what_smtplib_sends(pytester: pytest.Pytester) -> Non
 
 def test_smtp_faults_marker_starts_the_server_with_its_rules(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
-        test_faults="""
+        test_inner_faults="""
         import pytest
         from helpers import send
 
@@ -119,7 +119,7 @@ def test_smtp_faults_marker_starts_the_server_with_its_rules(pytester: pytest.Py
 
 def test_a_bad_fault_rule_errors_with_one_line(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
-        test_bad="""
+        test_inner_bad="""
         import pytest
 
         @pytest.mark.smtp_faults("rcpt#x: 452 4.5.3 Too many")
@@ -151,7 +151,7 @@ def test_smtp_mock_plays_the_marked_recording(pytester: pytest.Pytester, tmp_pat
     (pytester.path / "data").mkdir()
     shutil.copy(recorded, pytester.path / "data" / "hello.jsonl")
     pytester.makepyfile(
-        test_mock="""
+        test_inner_mock="""
         import pytest
         from helpers import send
 
@@ -178,7 +178,7 @@ def test_smtp_mock_plays_the_marked_recording(pytester: pytest.Pytester, tmp_pat
     )
     # the recording is also found relative to the rootdir, from a test in a subfolder
     sub = pytester.mkpydir("sub")
-    (sub / "test_sub.py").write_text(
+    (sub / "test_inner_sub.py").write_text(
         "import pytest\n\n"
         "@pytest.mark.smtp_mock('data/hello.jsonl')\n"
         "def test_from_sub(smtp_mock):\n"
@@ -216,7 +216,7 @@ def test_through(smtp_proxy):
 def test_smtp_proxy_relays_to_the_upstream_option(
     pytester: pytest.Pytester, aiosmtpd: AioServer
 ) -> None:
-    pytester.makepyfile(test_proxy=PROXY_TEST)
+    pytester.makepyfile(test_inner_proxy=PROXY_TEST)
     run(pytester, f"--smtp-upstream={aiosmtpd.host}:{aiosmtpd.port}").assert_outcomes(passed=1)
     [got] = aiosmtpd.received.messages
     assert (got["from"], got["to"]) == ("ann@example.org", ["bob@example.net"])
@@ -228,13 +228,13 @@ def test_smtp_proxy_reads_the_ini_setting(pytester: pytest.Pytester, aiosmtpd: A
         "[pytest]\naddopts = --strict-markers -p no:cacheprovider\n"
         f"smtp_upstream = {aiosmtpd.host}:{aiosmtpd.port}\n"
     )
-    pytester.makepyfile(test_proxy=PROXY_TEST)
+    pytester.makepyfile(test_inner_proxy=PROXY_TEST)
     run(pytester).assert_outcomes(passed=1)
     assert len(aiosmtpd.received.messages) == 1
 
 
 def test_smtp_proxy_skips_without_an_upstream(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_proxy=PROXY_TEST)
+    pytester.makepyfile(test_inner_proxy=PROXY_TEST)
     result = run(pytester, "-rs")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(
@@ -243,7 +243,7 @@ def test_smtp_proxy_skips_without_an_upstream(pytester: pytest.Pytester) -> None
 
 
 def test_a_bad_upstream_is_a_usage_error(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_proxy=PROXY_TEST)
+    pytester.makepyfile(test_inner_proxy=PROXY_TEST)
     result = run(pytester, "--smtp-upstream=mx:smtp")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
@@ -253,7 +253,7 @@ def test_a_bad_upstream_is_a_usage_error(pytester: pytest.Pytester) -> None:
 
 
 def test_p_no_smtpproxy_disables_the_plugin(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_sink="def test_it(smtp_sink):\n    pass\n")
+    pytester.makepyfile(test_inner_sink="def test_it(smtp_sink):\n    pass\n")
     result = run(pytester, "-p", "no:smtpproxy", subprocess=True)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*fixture 'smtp_sink' not found*"])
@@ -278,7 +278,7 @@ def test_safe_name_is_one_harmless_folder_name() -> None:
 
 def test_smtp_keep_keeps_each_tests_recordings(pytester: pytest.Pytester, tmp_path: Path) -> None:
     pytester.makepyfile(
-        test_keep="""
+        test_inner_keep="""
         import pytest
         from helpers import send
 
@@ -293,8 +293,8 @@ def test_smtp_keep_keeps_each_tests_recordings(pytester: pytest.Pytester, tmp_pa
         run(pytester, f"--smtp-keep={keep}").assert_outcomes(passed=2)
     folders = sorted(p.name for p in keep.iterdir())
     assert folders == [
-        safe_name("test_keep.py::test_send[../../x]"),
-        safe_name("test_keep.py::test_send[plain]"),
+        safe_name("test_inner_keep.py::test_send[../../x]"),
+        safe_name("test_inner_keep.py::test_send[plain]"),
     ]
     assert not (tmp_path / "x").exists()
     for folder in folders:
@@ -324,7 +324,7 @@ def test_golden(smtp_sink):
 def test_golden_missing_then_updated_then_matched_then_not(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytester.makepyfile(test_golden=GOLDEN_TEST)
+    pytester.makepyfile(test_inner_golden=GOLDEN_TEST)
     golden = pytester.path / "golden" / "hello.jsonl"
 
     result = run(pytester)
@@ -362,7 +362,7 @@ def test_golden_missing_then_updated_then_matched_then_not(
 
 def test_a_failed_test_reports_its_smtp_sessions(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
-        test_report="""
+        test_inner_report="""
         from helpers import send
 
         def test_fails(smtp_sink):
@@ -404,7 +404,7 @@ def test_the_example_project(pytester: pytest.Pytester) -> None:
     shutil.copytree(
         EXAMPLE, pytester.path, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
     )
-    result = run(pytester, subprocess=True)
+    result = run(pytester, "-v", subprocess=True)
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [
@@ -416,4 +416,4 @@ def test_the_example_project(pytester: pytest.Pytester) -> None:
             "[[]*] !! fault rcpt: 552 5.2.2 Mailbox full: *",
         ]
     )
-    assert "test_reset_mail PASSED" in run(pytester, "-v").stdout.str()
+    result.stdout.fnmatch_lines(["test_app.py::test_reset_mail PASSED*"])
