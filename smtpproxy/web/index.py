@@ -73,6 +73,9 @@ TEXT_COLUMNS = frozenset(c[0] for c in COLUMNS if c[1] == "TEXT")
 #: stored beside the list's columns: the fault notes' text (the ``faults``
 #: filter matches it when not given a number) and the free-text haystack
 EXTRA = ("fault_text", "search")
+#: a filtered page sorts its matches itself when at most this many (or a
+#: twentieth of the rows) match, else walks the sort column's index
+FEW = 1000
 #: recordings ``update`` stores in one transaction
 BATCH = 200
 #: what a session still being recorded shows as "how it ended"
@@ -195,6 +198,8 @@ class Index:
         for name in NAMES:
             if name != "id":
                 self.db.execute(f"CREATE INDEX IF NOT EXISTS by_{name} ON sessions ({name}, id)")
+        # free text scans this narrow index, not the whole rows
+        self.db.execute("CREATE INDEX IF NOT EXISTS by_search ON sessions (search)")
         self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self.db.commit()
 
@@ -279,7 +284,7 @@ class Index:
     def count(self) -> int:
         """How many sessions the index holds."""
         with self._lock:
-            return int(self.db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
+            return self._rows()
 
     def file_of(self, session_id: str) -> Path | None:
         """The recording of a session id, from the index (never built from the id)."""
@@ -321,12 +326,23 @@ class Index:
         offset = max(0, offset)
         with self._lock:
             total = self.db.execute(f"SELECT COUNT(*) FROM sessions {clause}", args).fetchone()[0]
+            if where and total <= max(FEW, self._rows() // 20):
+                # few match: find them (a scan of the filter's column index),
+                # then sort just those; walking the sort column's index would
+                # look up every row to test the filter
+                source = f"sessions WHERE rowid IN (SELECT rowid FROM sessions {clause})"
+                by = f"+{column}"
+            else:  # many or all match: the sort column's index, stopped at LIMIT
+                source, by = f"sessions {clause}", column
             rows = self.db.execute(
-                f"SELECT {', '.join(NAMES)}, fault_text FROM sessions {clause} "
-                f"ORDER BY {column} {order}, id {order} LIMIT ? OFFSET ?",
+                f"SELECT {', '.join(NAMES)}, fault_text FROM {source} "
+                f"ORDER BY {by} {order}, id {order} LIMIT ? OFFSET ?",
                 [*args, limit, offset],
             ).fetchall()
         return Page([dict(r) for r in rows], total, offset, limit)
+
+    def _rows(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
 
 
 def condition(name: str, value: str) -> tuple[str, list[Any]]:
