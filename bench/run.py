@@ -10,7 +10,8 @@ Hops compared side by side in one run, interleaved (A B C D, B C D A, ...):
   smtpproxy smtpproxy record --quiet, recording to a scratch folder (its
             default: one worker process per core)
   1worker   the same with --workers 1: one process, as the trio relay is
-  faults    smtpproxy with ten --fault rules that never fire
+  faults    smtpproxy with ten --fault rules that never fire, with as many
+            workers as 'smtpproxy' (record with rules runs one unless told)
 
 The ``mock`` and ``mock1`` workloads (not run by default: --workloads mock)
 compare two servers that are smtpproxy itself, with no smtp-sink:
@@ -77,6 +78,13 @@ IDLE_RULES = [
     "client=203.0.113.2 quit: close",
     "session#100000000 connect: 421 4.3.2 never",
 ]
+
+
+def default_workers() -> int:
+    """The number of workers ``record`` runs by default without rules."""
+    from smtpproxy.workers import default_count
+
+    return default_count()
 
 
 def free_port() -> int:
@@ -147,6 +155,7 @@ class Run:
     rec_bytes: int = 0
     wire_bytes: int = 0
     departures: int = 0  # the mock's, listed when it stops
+    cpu_s: float = 0.0  # user+sys of the server process while smtp-source ran (MOCK_HOPS)
 
 
 def fixed_message(size: int, scratch: Path) -> Path:
@@ -203,6 +212,12 @@ def mock_recording(wl: dict, scratch: Path) -> Path:
     return found
 
 
+def cpu_seconds(pid: int) -> float:
+    """user+sys time of ``pid`` so far (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def mock_run(hop: str, wl: dict, scratch: Path) -> Run:
     """smtp-source against ``record``'s embedded sink or ``mock`` (MOCK_HOPS)."""
     port = free_port()
@@ -217,11 +232,11 @@ def mock_run(hop: str, wl: dict, scratch: Path) -> Run:
     try:
         wait_banner(err_path, proc)
         src = fixed_source(wl, wl["sessions"], wl["messages"], port, scratch)
-        t0 = time.perf_counter()
+        cpu0, t0 = cpu_seconds(proc.pid), time.perf_counter()
         subprocess.run(
             src, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=1800
         )
-        run = Run(hop, time.perf_counter() - t0, 0)
+        run = Run(hop, time.perf_counter() - t0, 0, cpu_s=cpu_seconds(proc.pid) - cpu0)
         pids = [proc.pid, *children(proc.pid)]
         run.rss_kb = max(vm_hwm_kb(pid) for pid in pids)
         run.pss_sum_kb = sum(pss_kb(pid) for pid in pids)
@@ -289,6 +304,8 @@ def one_run(hop: str, wl: dict, scratch: Path) -> Run:
                     cmd += ["--workers", "1"]
                 if hop == "faults":
                     cmd += [arg for rule in IDLE_RULES for arg in ("--fault", rule)]
+                    # the layout of 'smtpproxy', so that only the rules differ
+                    cmd += ["--workers", str(default_workers())]
             hop_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             wait_listening(target, hop_proc)
         src = [
@@ -397,9 +414,14 @@ def main() -> int:
                 print(f"| {h} | {med[h]:.2f} | {xd} | {xt} | {rss} | {pss} | {rec} | {ratio} |")
             if "sink" in med and "mock" in med:
                 gone = max(x.departures for x in runs["mock"])
+                cpu = {h: statistics.median(x.cpu_s for x in runs[h]) for h in MOCK_HOPS}
+                per = {h: cpu[h] / max(1, wl["messages"]) * 1e6 for h in MOCK_HOPS}
                 print(
-                    f"\nmock / sink: {med['mock'] / med['sink']:.2f}; the mock listed {gone} "
-                    f"departure(s) in a round ({wl['sessions']} session(s))"
+                    f"\nmock / sink: {med['mock'] / med['sink']:.2f} in wall time, "
+                    f"{cpu['mock'] / cpu['sink']:.2f} in CPU (the server process while "
+                    f"smtp-source ran, median: sink {per['sink']:.0f} us/msg, mock "
+                    f"{per['mock']:.0f} us/msg); the mock listed {gone} departure(s) in a "
+                    f"round ({wl['sessions']} session(s))"
                 )
             print()
     return 1 if failed else 0
