@@ -453,14 +453,23 @@ class Session(FaultSteps, TlsSteps):
 
     async def _pump(self, side: Side) -> None:
         """Read from one peer, observe, forward to the other, until EOF."""
+        while await self._pump_stream(side):
+            pass  # a fault rule's re-dial replaced the upstream: read the new one
+
+    async def _pump_stream(self, side: Side) -> bool:
+        """``_pump`` on the peer's connection of now; True: the proxy
+        replaced the upstream connection (smtpproxy/relayredial.py)."""
         conv = self.conv
         other = side.other
         streams = self.streams
         faulty = self._faulty
+        gen = self._upstream_gen if faulty else 0
         try:
             while True:
                 data = await receive(streams[side])
                 if not data:
+                    if faulty and side is Side.SERVER and await self._upstream_replaced(gen):
+                        return True
                     break
                 self._activity = now = trio.current_time()
                 if faulty:
@@ -469,7 +478,7 @@ class Session(FaultSteps, TlsSteps):
                     )
                     if not await read(data, now):
                         self._scope.cancel()
-                        return
+                        return False
                     continue
                 if side is Side.CLIENT:
                     self.tls.client_silent = False
@@ -479,27 +488,34 @@ class Session(FaultSteps, TlsSteps):
                 if self._needs_care(side):
                     if not await self._with_care(side, data):
                         self._scope.cancel()
-                        return
+                        return False
                     continue
                 await self._send(other, data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if (
+                faulty
+                and side is Side.SERVER
+                and not isinstance(exc, _SendFailed)
+                and await self._upstream_replaced(gen)
+            ):
+                return True
             # a failed send is the fault of the peer sent to, not the one read
             lost = exc.side if isinstance(exc, _SendFailed) else side
             self._end(lost.value, f"connection lost: {exc.__cause__ or exc}")
             await self._upstream_gone(lost)
             self._scope.cancel()
-            return
+            return False
         self._done[side] = True
         if side is Side.CLIENT and conv.in_message:
             # never let a half message through: no terminator, no half-close
             self._end("client", "client closed mid-message; upstream closed without completing it")
             self._scope.cancel()
-            return
+            return False
         self._end(side.value, f"{side.value} closed the connection")
         if side is Side.SERVER or all(self._done.values()):
             await self._upstream_gone(side)
             self._scope.cancel()
-            return
+            return False
         # the client is done sending: pass the half-close on, and keep
         # reading the server's last replies
         unsent = self._take_unsent() if faulty else self.tls.take_unsent()
@@ -509,6 +525,7 @@ class Session(FaultSteps, TlsSteps):
             await streams[other].send_eof()  # type: ignore[attr-defined]
         except (trio.BrokenResourceError, trio.ClosedResourceError, AttributeError):
             self._scope.cancel()
+        return False
 
     async def _upstream_gone(self, side: Side) -> None:
         """The upstream went away without saying goodbye: tell the client

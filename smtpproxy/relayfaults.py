@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from .events import (
+    AuthResponse,
     Command,
     MessageData,
     MessageEnd,
@@ -39,6 +40,7 @@ from .events import (
 )
 from .faults import ActionKind, Fault, FaultPlan, SessionFaults
 from .protocol import Args, StepCounter, parse_args
+from .relayredial import SETUP_REPLIES, UpstreamRedial
 from .relayreplies import FaultReplies, ThrottledStream
 
 if TYPE_CHECKING:
@@ -54,6 +56,8 @@ _DOT = b".\r\n"
 #: a command's step name (``SessionFaults.step``), without lower-casing each time
 _STEP_NAMES = {v.upper(): v for v in ("ehlo", "helo", "mail", "rcpt", "data", "bdat", "rset")}
 _STEP_NAMES |= {v.upper(): v for v in ("quit", "noop", "auth", "starttls", "vrfy", "expn")}
+#: the commands a new upstream connection is told again (relayredial.py)
+_SETUP = SETUP_REPLIES
 
 
 def unsupported(plan: FaultPlan, fixed_cert: bool = False) -> str | None:
@@ -82,7 +86,7 @@ class _Held:
     bdat: Args | None = None
 
 
-class FaultSteps(FaultReplies):
+class FaultSteps(FaultReplies, UpstreamRedial):
     """Fault rules, for ``relay.Session`` (one of its base classes)."""
 
     if TYPE_CHECKING:  # what the session gives these steps
@@ -124,6 +128,7 @@ class FaultSteps(FaultReplies):
         if self.proxy.config.listen_tls:
             self._counter.tls = 1
         self._init_replies()
+        self._init_redial()
         #: client events not yet acted on, in wire order
         self._units: deque[Event] = deque()
         #: client octets received and not yet in an event (a partial line)
@@ -236,6 +241,8 @@ class FaultSteps(FaultReplies):
                 fault, bdat = self._ask(ev)
                 if fault is None and ev.verb != "STARTTLS":
                     self._owe()
+                    if ev.verb in _SETUP:
+                        self._setup.command(ev)
                     return ev.raw
                 return _Held(ev, fault, bdat=bdat)
             case MessageData(via="DATA"):
@@ -261,6 +268,8 @@ class FaultSteps(FaultReplies):
                 return b""
             case Opaque(reason=OpaqueReason.PLAINTEXT_AFTER_STARTTLS):
                 return b""  # never carried into TLS (RFC 3207 section 6)
+            case AuthResponse():
+                self._setup.response(ev)
         return ev.raw
 
     def _ask(self, ev: Command) -> tuple[Fault | None, Args | None]:
@@ -329,11 +338,14 @@ class FaultSteps(FaultReplies):
                 await self._answered_before()
                 return await self._local_starttls()
             self._owe(fault)
+            self._setup.command(ev)
             await self._send(Side.SERVER, ev.raw)
             await self._resume_client.wait()  # the server side handles the 220
             self._resume_client = trio.Event()
             return not self.closed_by
         self._owe(fault)
+        if ev.verb in _SETUP:
+            self._setup.command(ev)
         await self._send(Side.SERVER, ev.raw)
         return True
 
@@ -386,13 +398,14 @@ class FaultSteps(FaultReplies):
         return True
 
     async def _withhold(self, fault: Fault, body: bytes) -> bool:
-        """``dot: REPLY``: the body goes on without its end, the client gets
-        the fault's reply, and the upstream connection is closed. A DATA body
-        ends only at its final dot (RFC 5321 section 4.1.1.4), so a server
-        still reading it would take an RSET as message text; closing the
-        connection before the dot is what makes it drop the message
-        (RFC 5321 section 3.8). The client's connection is closed after the
-        reply: there is no upstream left to carry the session on."""
+        """``dot: REPLY``: the body goes on without its end and the client
+        gets the fault's reply; then the upstream connection is closed and
+        another dialled in the client's state (``_reopen_upstream``). A DATA
+        body ends only at its final dot (RFC 5321 section 4.1.1.4), so a
+        server still reading it would take an RSET as message text; closing
+        the connection before the dot is what makes it drop the message
+        (RFC 5321 section 3.8). False: the session ends (the client is gone,
+        or the new upstream could not be brought to its state)."""
         if body:
             await self._send(Side.SERVER, body)
         self._unowe()  # the DATA's final reply will never come
@@ -406,13 +419,16 @@ class FaultSteps(FaultReplies):
         )
         self.observe(self.conv.feed(Side.SERVER, reply), fed=(Side.SERVER, reply), note=note)
         self._quiet_upstream = True
-        self._end("proxy", f"fault {fault.rule}: message withheld, upstream closed")
         try:
             await self._send(Side.CLIENT, reply)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        await trio.aclose_forcefully(self.streams[Side.SERVER])
-        return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._end("client", f"connection lost: {exc.__cause__ or exc}")
+            await trio.aclose_forcefully(self.streams[Side.SERVER])
+            return False
+        if not await self._reopen_upstream(fault):
+            return False
+        self._quiet_upstream = False
+        return True
 
     # -- the connection --------------------------------------------------------
 

@@ -25,6 +25,7 @@ import trio
 from .events import Note, NoteKind, Reply, Side, TlsStart
 from .faults import ActionKind, Fault, SessionFaults
 from .protocol import GREETING, StepCounter
+from .relayredial import SETUP_REPLIES, UpstreamSetup
 from .tlsmodes import rewrite_capabilities
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ class FaultReplies:
         _units: deque[Event]
         _draining: bool
         _nursery: trio.Nursery | None
+        _setup: UpstreamSetup
 
         def observe(
             self,
@@ -191,6 +193,8 @@ class FaultReplies:
                 size += len(ev.raw)
                 if ev.command and not ev.intermediate:
                     finals += 1
+                if ev.command in SETUP_REPLIES:
+                    self._setup.reply(ev)
             elif type(ev) is TlsStart:
                 tls_start = True
             else:

@@ -102,6 +102,10 @@ async def test_second_rcpt_refused(tmp_path: Path) -> None:
 
 
 async def test_dot_reply_withholds_the_message(tmp_path: Path) -> None:
+    """``dot: 451``: the upstream gets the body without its final dot and
+    its connection is closed (so it drops the message); the proxy dials it
+    again, says the client's EHLO, and the client's session goes on there."""
+
     def client(port: int) -> BaseException | None:
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
             try:
@@ -126,16 +130,29 @@ async def test_dot_reply_withholds_the_message(tmp_path: Path) -> None:
         # the body came, not its end; then the proxy closed the connection
         body = await server.to_eof()
         await server.close()
+        again = await upstream.accept()
+        await again.send(b"220 raw.test ESMTP\r\n")
+        hello = await again.until(b"\r\n")
+        await again.send(b"250-raw.test\r\n250 PIPELINING\r\n")
+        # smtplib's RSET after a failed DATA, then its QUIT: on the new connection
+        assert await again.until(b"\r\n") == b"rset\r\n"
+        await again.send(b"250 2.0.0 ok\r\n")
+        assert await again.until(b"\r\n") == b"QUIT\r\n"
+        await again.send(b"221 bye\r\n")
+        await again.to_eof()
+        await again.close()
         await wait_for_sessions(proxy.proxy, 1)
         nursery.cancel_scope.cancel()
     (exc,) = outcome
     assert isinstance(exc, smtplib.SMTPDataError)
     assert (exc.smtp_code, exc.smtp_error) == (451, b"4.3.0 Try later")
     assert body == MESSAGE  # everything but the final ".\r\n"
+    assert hello == server.got.split(b"\r\n", 1)[0] + b"\r\n"  # the client's EHLO line
     rec = only_recording(proxy.recordings)
-    (note,) = fault_notes(rec)
-    assert "withheld" in note.text and "no message is delivered" in note.text
-    assert rec.close is not None and rec.close.by == "proxy"
+    withheld, reopened = fault_notes(rec)
+    assert "withheld" in withheld.text and "no message is delivered" in withheld.text
+    assert "upstream reopened" in reopened.text
+    assert rec.close is not None and rec.close.by == "client"
 
 
 async def serve_until_dot(server: Peer) -> None:
