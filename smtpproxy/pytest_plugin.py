@@ -264,6 +264,8 @@ def pytest_runtest_makereport(
     servers = item.stash.get(_SERVERS, [])
     if report.when == "call" and report.failed and servers:
         report.sections.append(("smtp sessions", _transcripts(servers)))
+    elif report.when == "teardown" and servers:
+        del item.stash[_SERVERS]  # the servers are stopped: let their sessions go
 
 
 def _transcripts(servers: list[tuple[str, SyncServer]]) -> str:
