@@ -4,7 +4,7 @@
     python bench/mock_bench.py RECORDING [--rounds 5]
 
 Feeds the client's reads of RECORDING (one session, e.g. smtp-source
-through ``smtpproxy record``), read by read, to ``mock.Player`` playing that
+through ``smtpproxy record``), read by read, to ``mockplay.Player`` playing that
 same recording and to the embedded sink's ``server._Sink``, in alternating
 rounds, and prints the least CPU time of each per message. This is the part
 of serving that the two do differently; the proxy in front and the socket
@@ -17,7 +17,7 @@ import argparse
 import time
 
 from smtpproxy.events import MessageEnd, Side
-from smtpproxy.mock import MockOptions, Player, Script
+from smtpproxy.mockplay import MockOptions, Player, Script
 from smtpproxy.recording import read_recording
 from smtpproxy.server import SinkConfig, SinkStats, _Sink
 

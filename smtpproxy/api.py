@@ -33,7 +33,7 @@ from typing import TextIO, cast
 import trio
 
 from .faults import FaultPlan, FaultSyntaxError, parse_rule
-from .mock import MockOptions
+from .mockplay import MockOptions
 from .mockrun import load_scripts
 from .mockserver import MockServer, MockSession
 from .net import parse_hostport

@@ -25,7 +25,7 @@ from .diff import diff_sessions, exchanges_of, format_unified, tls_facts
 from .events import Side
 from .export import ExportFailed, ExportRefused, export_all
 from .faults import ActionKind, FaultPlan, FaultSource, FaultSyntaxError
-from .mock import MockOptions
+from .mockplay import MockOptions
 from .recording import (
     Recording,
     RecordingError,

@@ -16,7 +16,7 @@ from pathlib import Path
 import trio
 
 from . import app
-from .mock import MockOptions, Script
+from .mockplay import MockOptions, Script
 from .mockserver import MockServer, MockSession
 from .net import is_loopback
 from .recording import RecordingError, iter_recordings, read_recording

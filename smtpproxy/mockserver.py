@@ -1,4 +1,4 @@
-"""The mock server's I/O: plays :class:`mock.Script` s to the clients that connect.
+"""The mock server's I/O: plays :class:`mockplay.Script` s to the clients that connect.
 
 ``smtpproxy mock`` runs this server behind the proxy, the way ``record``
 runs the embedded sink: the proxy faces the client (TLS with the local CA,
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 
-from .mock import Departure, MockOptions, Player, Script, Wait
+from .mockplay import Departure, MockOptions, Player, Script, Wait
 from .protocol import format_reply
 from .render import Transcript
 from .tls import HandshakeFailed, handshake

@@ -1,6 +1,6 @@
 """The server's half of a session, without I/O: client bytes in, reply bytes out.
 
-The embedded server (``server._Sink``) and the mock server (``mock.Player``)
+The embedded server (``server._Sink``) and the mock server (``mockplay.Player``)
 both answer a client; what they answer differs, how they read the client
 does not. This base holds that common part over the one ``Conversation``:
 every reply sent is fed back to it (so it knows that a 354 opens a body, a
