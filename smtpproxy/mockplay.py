@@ -169,6 +169,12 @@ class Script:
                 self.took[id(ex)] = took.get(id(ex.reply), 0.0)
                 if ex.reply.code == 535 and self.auth_failure is None:
                     self.auth_failure = ex.reply
+        #: the recorded server's EHLO offered STARTTLS
+        self.offers_starttls = any(
+            "STARTTLS" in (ex.reply.capabilities or {})
+            for ex in self.by_verb.get("EHLO", [])
+            if ex.reply
+        )
         if self.greeting is None:
             raise RecordingError(
                 f"{self.path}: no server greeting in this recording, so no server to play "
@@ -395,7 +401,10 @@ class Player(ServerSide[Wait]):
             why = "the recorded client sent no such command at this step"
             answer = self._depart(ex, None, why, self._raw(nearest))
             return self._answer(ex, nearest, self._send(nearest, answer))
-        answer = self._depart(ex, None, "the recorded server never saw this command", self._own(ex))
+        why = "the recorded server never saw this command"
+        if ex.verb == "STARTTLS" and self.script.offers_starttls:
+            why = "the recorded client did not start TLS (its server offered it)"
+        answer = self._depart(ex, None, why, self._own(ex))
         return self._answer(ex, None, self.reply_raw(answer))
 
     def _raw(self, ex: Exchange) -> bytes:
@@ -409,6 +418,10 @@ class Player(ServerSide[Wait]):
                 return b"250 2.0.0 Ok (smtpproxy mock)\r\n"
             case "QUIT":
                 return b"221 2.0.0 Bye (smtpproxy mock)\r\n"
+            case "STARTTLS" if self.script.offers_starttls and not self.conv.encrypted:
+                # the recorded server offered it and its client did not take it:
+                # a server that offers STARTTLS performs it (RFC 3207 section 4)
+                return b"220 2.0.0 Ready to start TLS (smtpproxy mock)\r\n"
         return b"502 5.5.1 smtpproxy mock: the recorded server never saw this command\r\n"
 
     def _answer(self, ex: Exchange, recorded: Exchange | None, sent: bytes) -> bytes:

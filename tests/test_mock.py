@@ -320,3 +320,16 @@ def test_fault_rules_apply_on_top_of_the_recorded_server(tmp_path: Path) -> None
         e.event for e in read_recording(mocked).entries if getattr(e.event, "kind", "") == "fault"
     ]
     assert len(notes) == 1 and rule in notes[0].text
+
+
+def test_starttls_the_recorded_client_did_not_take_is_performed(tmp_path: Path) -> None:
+    """The recorded server offered STARTTLS (the embedded sink does) and its
+    client did not use it: a client that does gets TLS, not a 502, and the
+    departure is reported."""
+    cafile = tmp_path / ".smtpproxy-home" / "smtpproxy-ca.pem"
+    (original,) = record(tmp_path, [plain_client()])
+    done, results = Mock(tmp_path, [original], 1).run(tls_client(cafile))
+    assert results == [{}]
+    assert done.returncode == 1
+    whys = [d["why"] for d in report(done)["sessions"][0]["departures"]]
+    assert "the recorded client did not start TLS (its server offered it)" in whys

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import secrets
 import socket
 from typing import Any, cast
 
@@ -92,7 +91,3 @@ async def serve_web(
                 live.close()  # the event streams end, so Hypercorn need not wait for them
             stop.set()
             shield.deadline = trio.current_time() + 5
-
-
-def new_token() -> str:
-    return secrets.token_urlsafe(24)
