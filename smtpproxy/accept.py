@@ -120,6 +120,20 @@ async def serve(
     raise AssertionError("the accept loops never end")  # pragma: no cover
 
 
+async def serve_embedded(
+    handler: Callable[[trio.SocketStream], Awaitable[object]],
+    host: str,
+    port: int,
+    task_status: trio.TaskStatus[tuple[str, int]],
+) -> None:
+    """An embedded server (the sink, a mock) on ``host:port`` (0: any free
+    port) until cancelled; ``task_status`` gets the address it listens on."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    addr = listeners[0].socket.getsockname()
+    task_status.started((addr[0], addr[1]))
+    await trio.serve_listeners(handler, listeners)
+
+
 async def _accept_loop(
     listener: trio.SocketListener,
     nursery: trio.Nursery,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import trio
 
+from . import accept
 from .mockplay import Departure, MockOptions, Player, Script, Wait
 from .protocol import format_reply
 from .render import Transcript
@@ -81,10 +82,7 @@ class MockServer:
         *,
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        addr = listeners[0].socket.getsockname()
-        task_status.started((addr[0], addr[1]))
-        await trio.serve_listeners(self.handle, listeners)
+        await accept.serve_embedded(self.handle, host, port, task_status)
 
     def withheld(self, port: int | None, verb: str) -> None:
         """The proxy in front answered the command ``verb`` of the session

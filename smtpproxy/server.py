@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from . import accept
 from .events import (
     AuthDecode,
     AuthError,
@@ -478,10 +479,7 @@ class Sink:
         *,
         task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        addr = listeners[0].socket.getsockname()
-        task_status.started((addr[0], addr[1]))
-        await trio.serve_listeners(self.handle, listeners)
+        await accept.serve_embedded(self.handle, host, port, task_status)
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         self.stats.sessions += 1

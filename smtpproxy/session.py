@@ -23,7 +23,7 @@ from .auth import REDACTED, credentials
 from .diff import exchanges_of
 from .events import Command, Reply, Side, TlsEstablished
 from .export import messages as exported_messages
-from .protocol import Exchange, StepKind
+from .protocol import Exchange, auth_exchanges
 from .recording import Recording, read_recording
 from .render import Transcript
 
@@ -156,15 +156,8 @@ class Session:
     @cached_property
     def auth_attempts(self) -> list[Auth]:
         out: list[Auth] = []
-        exs = self.exchanges
-        for i, ex in enumerate(exs):
-            if ex.kind is not StepKind.COMMAND or ex.verb != "AUTH":
-                continue
-            steps = [ex]
-            for later in exs[i + 1 :]:
-                if later.kind is not StepKind.AUTH:
-                    break
-                steps.append(later)
+        for steps in auth_exchanges(self.exchanges):
+            ex = steps[0]
             found = credentials(step.auth for step in steps)
             password = found.get("password")
             final = steps[-1].reply

@@ -19,7 +19,7 @@ Nothing here does I/O; events in, exchanges out.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..events import (
@@ -45,6 +45,7 @@ __all__ = [
     "Position",
     "StepCounter",
     "StepKind",
+    "auth_exchanges",
     "exchanges",
     "parse_args",
     "parse_params",
@@ -305,4 +306,20 @@ def exchanges(events: Iterable[Event], times: Iterable[float] | None = None) -> 
             case Reply():
                 if unanswered:
                     unanswered.pop(0).reply = ev
+    return out
+
+
+def auth_exchanges(exs: Sequence[Exchange]) -> list[list[Exchange]]:
+    """Each AUTH exchange of a session (RFC 4954): the AUTH command and the
+    SASL answers that followed it, in order."""
+    out: list[list[Exchange]] = []
+    for i, ex in enumerate(exs):
+        if ex.kind is not StepKind.COMMAND or ex.verb != "AUTH":
+            continue
+        steps = [ex]
+        for later in exs[i + 1 :]:
+            if later.kind is not StepKind.AUTH:
+                break
+            steps.append(later)
+        out.append(steps)
     return out

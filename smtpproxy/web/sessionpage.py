@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from ..auth import REDACTED, credentials
 from ..events import SECRET_FIELDS, Side, TlsEstablished
-from ..protocol import StepKind
+from ..protocol import auth_exchanges
 from ..recording import RecordingError, read_recording
 from ..session import Session
 from .app import Context
@@ -155,15 +155,8 @@ class AuthView:
 def auth_views(session: Session) -> list[AuthView]:
     """Each AUTH exchange (RFC 4954) and what its SASL steps decoded to."""
     out: list[AuthView] = []
-    exs = session.exchanges
-    for i, ex in enumerate(exs):
-        if ex.kind is not StepKind.COMMAND or ex.verb != "AUTH":
-            continue
-        steps = [ex]
-        for later in exs[i + 1 :]:
-            if later.kind is not StepKind.AUTH:
-                break
-            steps.append(later)
+    for steps in auth_exchanges(session.exchanges):
+        ex = steps[0]
         found = credentials(step.auth for step in steps)
         final = steps[-1].reply
         view = AuthView(
