@@ -314,9 +314,11 @@ def get(address: tuple[str, int], path: str, cookie: str = "", host: str = "") -
         conn.close()
 
 
-def sse_events(response: http.client.HTTPResponse, wanted: int) -> list[dict[str, str]]:
-    """Read ``wanted`` ``session`` events from an open event stream (bounded
-    by the socket's timeout and a line count)."""
+def sse_events(
+    response: http.client.HTTPResponse, wanted: int, states: tuple[str, ...] = ("open", "closed")
+) -> list[dict[str, str]]:
+    """Read ``wanted`` ``session`` events in ``states`` from an open event
+    stream, skipping others (bounded by the socket's timeout and a line count)."""
     events: list[dict[str, str]] = []
     kind = ""
     for _ in range(200):
@@ -324,7 +326,10 @@ def sse_events(response: http.client.HTTPResponse, wanted: int) -> list[dict[str
         if line.startswith("event: "):
             kind = line[7:]
         elif line.startswith("data: ") and kind == "session":
-            events.append(json.loads(line[6:]))
+            event = json.loads(line[6:])
+            if event["state"] not in states:
+                continue
+            events.append(event)
             if len(events) == wanted:
                 return events
     raise AssertionError(f"only {events} in the stream")
@@ -366,6 +371,11 @@ def test_record_web_lists_sessions_live(folder: Path, tmp_path: Path) -> None:
                 # listed while it happens
                 (now,) = rows_of(get(web, f"/?id={opened['id']}", cookie).text)
                 assert now["id"] == opened["id"] and now["reason"] == "in progress"
+                # and it grows as it happens: AUTH's user in the row, still open
+                (grown,) = sse_events(stream, 1, states=("grow",))
+                assert grown["id"] == opened["id"]
+                (now,) = rows_of(get(web, f"/?id={opened['id']}", cookie).text)
+                assert now["auth_user"] == "livia" and now["reason"] == "in progress"
                 client.sendmail(
                     "livia@example.org", ["bob@example.net"], "Subject: hi\r\n\r\nx\r\n"
                 )

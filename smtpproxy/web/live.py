@@ -40,6 +40,9 @@ __all__ = ["Live", "routes"]
 BACKLOG = 64
 #: a comment line this often keeps proxies and the browser from timing out
 KEEPALIVE = 15.0
+#: how often the recordings of open sessions are looked at: one that grew is
+#: indexed again and told as ``grow`` (its row shows the messages so far)
+GROW_EVERY = 1.0
 
 
 class Live:
@@ -49,6 +52,9 @@ class Live:
         self.index = index
         #: ids of the sessions whose recording is open
         self.active: set[str] = set()
+        #: their recordings, and each one's size when it was last indexed
+        self._paths: dict[str, Path] = {}
+        self._sizes: dict[str, int] = {}
         self._send, self._todo = trio.open_memory_channel[tuple[str, str, Path]](math.inf)
         self._listeners: set[trio.MemorySendChannel[str]] = set()
         self.closed = False
@@ -73,6 +79,7 @@ class Live:
     def opened(self, session_id: str, path: Path) -> None:
         """A session's recording was created."""
         self.active.add(session_id)
+        self._paths[session_id] = path
         self._queue("open", session_id, path)
 
     def ended(self, session_id: str, path: Path) -> None:
@@ -95,17 +102,42 @@ class Live:
         indexed, _ = await trio.to_thread.run_sync(self.index.update, abandon_on_cancel=True)
         if indexed:
             self._publish(json.dumps({"state": "indexed", "count": indexed}))
-        await self._follow()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._grow)
+            await self._follow()
 
     async def _follow(self) -> None:
         async for state, session_id, path in self._todo:
-            await trio.to_thread.run_sync(self._index, path)
+            if state == "grow" and session_id not in self._paths:
+                continue  # closed meanwhile: its "closed" says the rest
+            size = await trio.to_thread.run_sync(self._index, path)
             if state == "closed":
                 self.active.discard(session_id)
+                self._paths.pop(session_id, None)
+                self._sizes.pop(session_id, None)
+            else:
+                self._sizes[session_id] = size
             self._publish(json.dumps({"id": session_id, "state": state}))
 
-    def _index(self, path: Path) -> None:
+    async def _grow(self) -> None:
+        """Sessions grow as they happen: an open recording that grew since it
+        was last indexed is indexed again (a stat a second per open session)."""
+        while True:
+            await trio.sleep(GROW_EVERY)
+            for session_id, path in list(self._paths.items()):
+                try:
+                    size = path.stat().st_size
+                except OSError:
+                    continue
+                if size != self._sizes.get(session_id, size):
+                    self._sizes[session_id] = size  # asked once until indexed
+                    self._queue("grow", session_id, path)
+
+    def _index(self, path: Path) -> int:
+        """Index ``path``; the size it had (what was read, or more)."""
+        size = path.stat().st_size if path.exists() else 0
         self.index.put(read_row(path))
+        return size
 
     def _publish(self, data: str) -> None:
         for channel in list(self._listeners):
