@@ -48,8 +48,18 @@ def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def our_threads() -> list[str]:
+    """Threads other than the main one and trio's cache of idle workers
+    (``trio.to_thread`` keeps them a while: not ours)."""
+    return [
+        t.name
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and not t.name.startswith("Trio thread")
+    ]
+
+
 def test_sink_from_plain_sync_code() -> None:
-    threads, fds = threading.active_count(), open_descriptors()
+    threads, fds = our_threads(), open_descriptors()
     with smtpproxy.sink() as server:
         assert server.port > 0  # ready: the real port of port 0
         refused = send(server.address, ["bob@example.net", "carol@example.net"])
@@ -74,10 +84,10 @@ def test_sink_from_plain_sync_code() -> None:
     assert message.via == "DATA" and message.accepted
     assert message.message["Subject"] == "reset your password"
     assert message.message.get_content() == "Click here.\r\n"  # as received
-    assert session.closed_by == "client"
+    assert session.closed_by in ("client", "server")  # after QUIT either may close first
     assert "-> mail FROM:<ann@example.org>" in session.transcript()
     # nothing left behind: the loop's thread, its sockets, the temporary folder
-    assert threading.active_count() == threads
+    assert our_threads() == threads
     assert open_descriptors() == fds
     assert not folder.exists()
     assert server.sessions == [session]  # still readable after the exit
@@ -147,16 +157,6 @@ def test_mock_of_a_recording(tmp_path: Path) -> None:
     assert [s.replies for s in sessions][0] == recorded.replies
     assert [len(d.departures) for d in departures] == [0, 1]
     assert departures[1].departures[0].step == "RCPT #1 (message 1)"
-
-
-def our_threads() -> list[str]:
-    """Threads other than the main one and trio's cache of idle workers
-    (``trio.to_thread`` keeps them a while: not ours)."""
-    return [
-        t.name
-        for t in threading.enumerate()
-        if t is not threading.main_thread() and not t.name.startswith("Trio thread")
-    ]
 
 
 async def test_async_api_in_trio() -> None:
