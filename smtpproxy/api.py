@@ -258,6 +258,14 @@ class Starter:
         else:
             self.folder = Path(self._recordings)
             ensure_private_dir(self.folder)
+        try:
+            self._prepare_service()
+        except BaseException:
+            self._finish()  # a temporary folder made above is not left behind
+            raise
+
+    def _prepare_service(self) -> None:
+        """The CA, the contexts, the embedded server and the service."""
         self.config.recordings = self.folder
         config = self.config
         self.ca = CertificateAuthority.load_or_create(self._ca_home)
@@ -344,6 +352,8 @@ class Starter:
         if self._thread is not None:
             self._thread.join(timeout=30)
         self._finish()
+        if self._error is not None and exc is None:
+            raise self._error  # the server failed while the block ran
 
     # -- async with ------------------------------------------------------------
 

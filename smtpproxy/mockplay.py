@@ -169,6 +169,9 @@ class Script:
                 self.took[id(ex)] = took.get(id(ex.reply), 0.0)
                 if ex.reply.code == 535 and self.auth_failure is None:
                     self.auth_failure = ex.reply
+        #: the recorded client's commands, and their ids (``Player.finish``)
+        self.commands = [ex for ex in self.order if ex.kind is StepKind.COMMAND]
+        self.command_ids = frozenset(id(ex) for ex in self.commands)
         #: the recorded server's EHLO offered STARTTLS
         self.offers_starttls = any(
             "STARTTLS" in (ex.reply.capabilities or {})
@@ -223,8 +226,11 @@ class _Attempt:
     #: the mechanism this client chose when it is not the recorded one
     #: (PLAIN or LOGIN, run the usual way); "" when following the recording
     generic: str = ""
+    #: the client's answers so far, its initial response counted
+    #: (RFC 4954 section 4): which prompt comes next on the generic path
+    given: int = 0
 
-    def recordedcredentials(self) -> dict[str, str]:
+    def recorded_credentials(self) -> dict[str, str]:
         return credentials([self.command.auth, *(a.auth for a in self.answers)])
 
     def challenge(self) -> bytes | None:
@@ -291,11 +297,13 @@ class Player(ServerSide[Wait]):
     def finish(self) -> list[Departure]:
         """The client is gone: the recorded steps it never took are one more
         departure. Returns all of the session's."""
-        missing = [ex for ex in self.script.order if id(ex) not in self.played]
-        commands = [ex for ex in missing if ex.kind is StepKind.COMMAND]
-        if commands:
-            first = commands[0]
-            more = f" and {len(commands) - 1} more command(s)" if len(commands) > 1 else ""
+        # the count from the set of played ids, the first by a scan that stops
+        # there: a short session against a long recording does not walk it all
+        script = self.script
+        missing = len(script.commands) - len(self.played & script.command_ids)
+        if missing:
+            first = next(ex for ex in script.commands if id(ex) not in self.played)
+            more = f" and {missing - 1} more command(s)" if missing > 1 else ""
             self.departures.append(
                 Departure(
                     step_name(first.verb, first.position),
@@ -452,12 +460,20 @@ class Player(ServerSide[Wait]):
         decided by the recorded credentials (docs/mock.md)."""
         mechanism = ex.args.mechanism or ""
         recorded = self.script.at("AUTH", ex.position)
-        if recorded is not None and recorded.args.mechanism == mechanism:
+        same_initial = recorded is not None and (
+            bool(recorded.args.initial) == bool(ex.args.initial)
+        )
+        if recorded is not None and recorded.args.mechanism == mechanism and same_initial:
             self._attempt = _Attempt(recorded, self.script.following(recorded), [ex.auth])
             return self._auth_reply(ex, recorded)
         if recorded is not None:
             self.played.add(id(recorded))
             why = f"mechanism {recorded.args.mechanism} -> {mechanism}"
+            if recorded.args.mechanism == mechanism:
+                # the same mechanism said the other way: the recorded replies
+                # would answer steps this client is not at (RFC 4954 section 4)
+                sent = "sent" if ex.args.initial else "did not send"
+                why = f"this client {sent} an initial response, the recorded one did the opposite"
         else:
             why = "the recorded client did not authenticate at this step"
         source = recorded or self.script.nearest("AUTH", ex.position)
@@ -465,9 +481,12 @@ class Player(ServerSide[Wait]):
             refusal = f"504 5.5.4 smtpproxy mock: the recording has no AUTH {mechanism} here\r\n"
             answer = self._depart(ex, recorded, why, refusal.encode("utf-8", "backslashreplace"))
             return self._answer(ex, None, self.reply_raw(answer))
-        attempt = _Attempt(source, self.script.following(source), [ex.auth], generic=mechanism)
+        given = 1 if ex.args.initial else 0
+        attempt = _Attempt(
+            source, self.script.following(source), [ex.auth], generic=mechanism, given=given
+        )
         self._attempt = attempt
-        answer = self._generic_step(attempt, given=1 if ex.args.initial else 0)
+        answer = self._generic_step(attempt, given=given)
         answer = self._depart(ex, recorded, why, answer)
         if self.quit:
             self._attempt = None
@@ -491,7 +510,8 @@ class Player(ServerSide[Wait]):
             return self.reply_raw(self._depart(ex, None, why, cancelled))
         attempt.client.append(ev.auth)
         if attempt.generic:
-            return self.reply_raw(self._generic_step(attempt, given=len(attempt.client) - 1))
+            attempt.given += 1
+            return self.reply_raw(self._generic_step(attempt, given=attempt.given))
         if recorded is None:
             self._attempt = None
             why = "the recorded client gave fewer AUTH answers"
@@ -544,7 +564,7 @@ class Player(ServerSide[Wait]):
         """Why this client's credentials are not the recorded client's (None:
         they are, or the recording cannot say: it was redacted). Secrets are
         never quoted."""
-        recorded = attempt.recordedcredentials()
+        recorded = attempt.recorded_credentials()
         client = credentials(attempt.client)
         if recorded.get("user") != client.get("user"):
             return f"user {recorded.get('user')!r} -> {client.get('user')!r}"
@@ -562,7 +582,7 @@ class Player(ServerSide[Wait]):
         """A PLAIN or LOGIN password checked against what the recording
         knows: its password, or its CRAM-MD5 digest of the challenge it
         recorded, or ``--password``; None when right or nothing can say."""
-        recorded = attempt.recordedcredentials()
+        recorded = attempt.recorded_credentials()
         client = credentials(attempt.client)
         if recorded.get("user") != client.get("user"):
             return f"user {recorded.get('user')!r} -> {client.get('user')!r}"

@@ -113,11 +113,13 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 def safe_name(nodeid: str) -> str:
     """A test id made a single safe folder name: no ``/``, no ``..``, no
-    control or shell characters, at most 120 characters (a long id is cut
-    and ends with a hash of the whole, so two ids stay apart)."""
+    control or shell characters, at most 113 characters; a name that had to
+    be changed or cut ends with a hash of the whole id, so two ids stay apart."""
     name = re.sub(r"[^A-Za-z0-9._=+-]+", "_", nodeid)
     name = re.sub(r"\.{2,}", "_", name).strip("._") or "test"
-    if len(name) > 120:
+    if name != nodeid or len(name) > 120:
+        # changed (``[a b]`` and ``[a/b]`` both give ``a_b``) or long: the
+        # hash of the whole id keeps two ids apart
         digest = hashlib.sha256(nodeid.encode("utf-8", "surrogatepass")).hexdigest()[:12]
         name = f"{name[:100]}-{digest}"
     return name

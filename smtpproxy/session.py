@@ -38,7 +38,7 @@ class Auth:
 
     mechanism: str
     user: str | None
-    password: str | None
+    password: str | None = field(repr=False)  # a repr in a test report shows no secret
     success: bool
     reply: Reply | None = field(default=None, repr=False)
 

@@ -180,3 +180,17 @@ def test_a_server_starts_once() -> None:
         pass
     with pytest.raises(RuntimeError, match="once"), starter:
         pass
+
+
+def test_a_server_that_cannot_start_leaves_no_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # TMPDIR read again
+    not_a_recording = tmp_path / "missing.jsonl"
+    with pytest.raises(smtpproxy.RecordingError), smtpproxy.mock(not_a_recording):
+        pass
+    assert list((tmp_path / "tmp").iterdir()) == []

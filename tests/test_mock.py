@@ -333,3 +333,35 @@ def test_starttls_the_recorded_client_did_not_take_is_performed(tmp_path: Path) 
     assert done.returncode == 1
     whys = [d["why"] for d in report(done)["sessions"][0]["departures"]]
     assert "the recorded client did not start TLS (its server offered it)" in whys
+
+
+def test_auth_said_the_other_way_is_served_as_servers_do(tmp_path: Path) -> None:
+    """PLAIN without the initial response the recorded client sent, and LOGIN
+    with one where the recording had PLAIN: prompted the usual way (one
+    password prompt), the password checked against the recorded one."""
+
+    def plain_with_initial_response(port: int) -> Any:
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example", timeout=TIMEOUT) as c:
+            c.ehlo()
+            c.user, c.password = "ann", "s3cret"
+            return c.auth("PLAIN", c.auth_plain)[0]
+
+    (original,) = record(tmp_path, [plain_with_initial_response])
+
+    def plain_then_login(port: int) -> Any:
+        results = []
+        for mechanism, initial in (("PLAIN", False), ("LOGIN", True)):
+            with smtplib.SMTP(
+                "127.0.0.1", port, local_hostname="client.example", timeout=TIMEOUT
+            ) as c:
+                c.ehlo()
+                c.user, c.password = "ann", "s3cret"
+                method = c.auth_plain if mechanism == "PLAIN" else c.auth_login
+                results.append(c.auth(mechanism, method, initial_response_ok=initial)[0])
+        return results
+
+    mock = Mock(tmp_path, [original], 2)
+    done, results = mock.run(plain_then_login)
+    assert results == [[235, 235]], done.stdout + done.stderr
+    login = read_recording(mock.recordings()[-1]).raw(Side.SERVER)
+    assert login.count(b"334 UGFzc3dvcmQ6") == 1  # "Password:" asked once
