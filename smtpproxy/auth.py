@@ -53,6 +53,7 @@ __all__ = [
     "oauthbearer",
     "plain",
     "redact",
+    "stray_secret",
     "xoauth2",
 ]
 
@@ -314,6 +315,18 @@ _SMTP_VERBS = frozenset(
 )
 
 
+def stray_secret(cmd: Command) -> bool:
+    """A command line that is likely a SASL answer the observer did not read
+    as one (sent after an AUTH the server refused, or a malformed AUTH): no
+    SMTP verb, and base64 or an AUTH-like verb. Whoever shows it hides it:
+    the redactor, the web view."""
+    return (
+        cmd.auth is None
+        and cmd.verb not in _SMTP_VERBS
+        and (cmd.verb.startswith("AUTH") or _looks_like_sasl(cmd.raw))
+    )
+
+
 def _looks_like_sasl(line: bytes) -> bool:
     text = line.strip()
     if len(text) < 4 or b" " in text:
@@ -372,11 +385,7 @@ class Redactor:
         if isinstance(ev, Command):
             if ev.verb == "AUTH" and not _CLEAN_AUTH.fullmatch(ev.raw):
                 return self._whole_auth(ev)
-            if (
-                ev.auth is None
-                and ev.verb not in _SMTP_VERBS
-                and (ev.verb.startswith("AUTH") or _looks_like_sasl(ev.raw))
-            ):
+            if stray_secret(ev):
                 self._remember(ev.verb, _words(ev.raw))
                 return replace(
                     ev,

@@ -100,3 +100,63 @@ def test_the_index_is_a_private_cache(folder: Path) -> None:
     assert rebuilt.update() == (1, 0)
     assert rebuilt.page().total == 1
     rebuilt.close()
+
+
+def test_the_token_redirect_keeps_the_query_as_given(web: tuple[TestClient, WebConfig]) -> None:
+    client, config = web
+    entered = client.get(
+        f"/?token={config.token}&q=a%26b%3Dc&auth_user=%23x", follow_redirects=False
+    )
+    assert entered.headers["location"] == "/?q=a%26b%3Dc&auth_user=%23x"
+
+
+def test_an_unspecified_address_is_refused(tmp_path: Path) -> None:
+    from conftest import run_smtpproxy_once
+
+    done = run_smtpproxy_once("web", str(tmp_path), "--listen", "0.0.0.0:0", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "needs the address browsers will use" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_an_index_that_cannot_be_written_does_not_stop_the_live_view(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import trio
+
+    from smtpproxy.web.live import Live
+
+    (session,) = await trio.to_thread.run_sync(record_sessions, folder, "ann")
+    index = Index(folder)
+    live = Live(index)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(live.run)
+        await trio.sleep(0.2)
+        index.db.close()  # as a full disk or a read-only folder would: writes fail
+        live.opened("0123abcd", session.path)
+        live.ended("0123abcd", session.path)
+        with trio.fail_after(5):
+            while "cannot be written" not in capsys.readouterr().err:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()  # still running: nothing was raised
+
+
+def test_a_sasl_answer_read_as_a_command_is_not_shown(folder: Path) -> None:
+    """AUTH refused (here by a fault rule), then the client sends its base64
+    answer anyway: the observer reads it as a command. The diagram hides it
+    and the reply that quotes it, as the redactor would."""
+    import base64
+
+    answer = base64.b64encode(b"\0ann\0hunter2secret").decode()
+    with smtpproxy.sink(recordings=folder, faults=["auth: 504 5.5.4 not here"]) as server:
+        with smtplib.SMTP(*server.address, timeout=TIMEOUT) as client:
+            client.ehlo()
+            assert client.docmd("AUTH", "PLAIN")[0] == 504
+            assert client.docmd(answer)[0] == 500  # the sink: an unknown command
+        (session,) = server.wait_for_sessions(1, timeout=TIMEOUT)
+    client_, config = client_for(folder)
+    with client_:
+        client_.get(f"/?token={config.token}")
+        html = client_.get(f"/session/{session.id}").text
+    assert "looks like a SASL answer" in html
+    assert answer[:8] not in html and answer[:8].upper() not in html

@@ -353,7 +353,7 @@ def test_record_web_lists_sessions_live(folder: Path, tmp_path: Path) -> None:
         entered = get(web, f"/?token={token}")
         assert entered.status == 303
         cookie = entered.headers.get("set-cookie", "").split(";")[0]
-        assert cookie.startswith("smtpproxy_token=")
+        assert cookie.startswith(f"smtpproxy_token_{web[1]}=")
         assert get(web, "/events", cookie, host=evil).status == 421
         page = get(web, "/", cookie)
         assert page.status == 200 and 'data-live="/events"' in page.text
@@ -365,12 +365,12 @@ def test_record_web_lists_sessions_live(folder: Path, tmp_path: Path) -> None:
             assert "default-src 'none'" in stream.getheader("content-security-policy", "")
             assert stream.readline() == b"retry: 2000\n"  # listening from here on
             with smtplib.SMTP(*proxy.address, timeout=TIMEOUT) as client:
-                client.login("livia", "s3cret")
-                (opened,) = sse_events(stream, 1)
+                (opened,) = sse_events(stream, 1)  # connected: the recording is open
                 assert opened["state"] == "open"
                 # listed while it happens
                 (now,) = rows_of(get(web, f"/?id={opened['id']}", cookie).text)
                 assert now["id"] == opened["id"] and now["reason"] == "in progress"
+                client.login("livia", "s3cret")  # after "open": what follows is growth
                 # and it grows as it happens: AUTH's user in the row, still open
                 (grown,) = sse_events(stream, 1, states=("grow",))
                 assert grown["id"] == opened["id"]

@@ -16,6 +16,7 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.applications import Starlette
@@ -54,6 +55,10 @@ class WebConfig:
     hosts: frozenset[str] = frozenset()
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     page_size: int = 50
+    #: the token's cookie; ``serve_web`` names it by the port (a browser
+    #: sends a host's cookies to all its ports: two web views must not
+    #: overwrite each other's token)
+    cookie: str = COOKIE
 
 
 class Guard:
@@ -75,15 +80,18 @@ class Guard:
             )
             return
         given = request.query_params.get("token")
-        cookie = request.cookies.get(COOKIE, "")
+        cookie = request.cookies.get(self.config.cookie, "")
         if given is not None and _same(given, self.config.token):
             # the token once in the URL: a cookie from now on, and the URL without it
-            query = "&".join(
-                f"{k}={v}" for k, v in request.query_params.multi_items() if k != "token"
+            query = urlencode(
+                [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
             )
-            target = request.url.path + (f"?{query}" if query else "")
+            # the same path, never another host's (``//host`` would be one)
+            target = "/" + request.url.path.lstrip("/") + (f"?{query}" if query else "")
             response = RedirectResponse(target, status_code=303)
-            response.set_cookie(COOKIE, self.config.token, httponly=True, samesite="strict")
+            response.set_cookie(
+                self.config.cookie, self.config.token, httponly=True, samesite="strict"
+            )
             await _secured(response)(scope, receive, send)
             return
         if not _same(cookie, self.config.token):

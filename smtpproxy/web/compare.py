@@ -105,7 +105,9 @@ def rows_of(a: list[Exchange], b: list[Exchange], strict: bool) -> list[Row]:
 
 
 def routes(ctx: Context) -> list[Route]:
-    async def compare(request: Request) -> Response:
+    # plain functions: Starlette runs them in its thread pool, so reading a
+    # large recording never holds up the loop a proxy may share (record --web)
+    def compare(request: Request) -> Response:
         q = request.query_params
         a_id, b_id = q.get("a", "").strip(), q.get("b", "").strip()
         strict = q.get("strict", "") not in ("", "0")

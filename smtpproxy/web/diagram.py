@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..auth import REDACTED
+from ..auth import REDACTED, stray_secret
 from ..events import (
     SECRET_FIELDS,
     WARNING_NOTES,
@@ -333,6 +333,8 @@ def step_label(ex: Exchange) -> tuple[str, bool]:
         mechanism = ex.args.mechanism or ""
         label = f"AUTH {mechanism} {MASK if secret else ex.args.initial or ''}".rstrip()
         return f"{label}  {auth_text(ex.auth)}", secret
+    if ex.command is not None and stray_secret(ex.command):
+        return f"(a line that looks like a SASL answer: {len(ex.client)} octets, hidden)", True
     return ex.label, False
 
 
@@ -348,9 +350,29 @@ def _client_step(i: int, ex: Exchange, auth_no: int | None) -> Arrow:
     full = label
     if ex.injected is not None:
         full += f"\n{ex.injected.text}"
+    verb = "(hidden)" if _stray(ex) else ex.verb
     return _arrow(
-        Lane.CLIENT, end, kind, label, full, verb=ex.verb, step=i, secret=secret, auth=auth_no
+        Lane.CLIENT, end, kind, label, full, verb=verb, step=i, secret=secret, auth=auth_no
     )
+
+
+def _stray(ex: Exchange | None) -> bool:
+    return ex is not None and ex.command is not None and stray_secret(ex.command)
+
+
+def _unquoted(text: str, ex: Exchange | None) -> str:
+    """A reply's text without the stray SASL answer it may quote (servers
+    echo an unknown command, or its first octets)."""
+    if not _stray(ex):
+        return text
+    assert ex is not None
+    secret = ex.client.strip().decode("utf-8", "replace").upper()
+    upper = text.upper()  # servers echo a verb upper-cased
+    for n in range(len(secret), 5, -1):
+        at = upper.find(secret[:n])
+        if at >= 0:
+            return text[:at] + MASK + text[at + n :]
+    return text
 
 
 def _reply(i: int | None, ex: Exchange | None, reply: Reply) -> Arrow:
@@ -358,8 +380,9 @@ def _reply(i: int | None, ex: Exchange | None, reply: Reply) -> Arrow:
     label = first + (f"  (+{count - 1} lines)" if count > 1 else "")
     if reply.auth is not None and reply.auth.fields:
         label += f"  {auth_text(reply.auth)}"
-    full = reply.raw.decode("utf-8", "backslashreplace")
-    verb = ex.verb if ex is not None else ""
+    full = _unquoted(reply.raw.decode("utf-8", "backslashreplace"), ex)
+    label = _unquoted(label, ex)
+    verb = ("(hidden)" if _stray(ex) else ex.verb) if ex is not None else ""
     return _arrow(Lane.SERVER, Lane.CLIENT, "reply", label, full, verb=verb, step=i)
 
 

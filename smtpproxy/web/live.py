@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..render import visible
 from .index import Index, read_row
 
 if TYPE_CHECKING:
@@ -58,6 +61,7 @@ class Live:
         self._send, self._todo = trio.open_memory_channel[tuple[str, str, Path]](math.inf)
         self._listeners: set[trio.MemorySendChannel[str]] = set()
         self.closed = False
+        self._warned = False
 
     # -- the proxy's side: called in its loop, never blocking ------------------
 
@@ -99,7 +103,11 @@ class Live:
         recordings takes a while (docs/performance.md), and the proxy
         relays meanwhile; sessions made in that while are listed after it."""
         # abandoned when cancelled: Index.close() stops it at its next file
-        indexed, _ = await trio.to_thread.run_sync(self.index.update, abandon_on_cancel=True)
+        try:
+            indexed, _ = await trio.to_thread.run_sync(self.index.update, abandon_on_cancel=True)
+        except (sqlite3.Error, OSError) as exc:
+            indexed = 0
+            self._failed(exc)
         if indexed:
             self._publish(json.dumps({"state": "indexed", "count": indexed}))
         async with trio.open_nursery() as nursery:
@@ -110,7 +118,12 @@ class Live:
         async for state, session_id, path in self._todo:
             if state == "grow" and session_id not in self._paths:
                 continue  # closed meanwhile: its "closed" says the rest
-            size = await trio.to_thread.run_sync(self._index, path)
+            try:
+                size = await trio.to_thread.run_sync(self._index, path)
+            except (sqlite3.Error, OSError) as exc:
+                # the list goes stale; the relay and its recordings go on
+                self._failed(exc)
+                continue
             if state == "closed":
                 self.active.discard(session_id)
                 self._paths.pop(session_id, None)
@@ -132,6 +145,19 @@ class Live:
                 if size != self._sizes.get(session_id, size):
                     self._sizes[session_id] = size  # asked once until indexed
                     self._queue("grow", session_id, path)
+
+    def _failed(self, exc: BaseException) -> None:
+        """The index could not be written (a full disk, a read-only folder):
+        said once, on stderr; the proxy must not stop for its list."""
+        if not self._warned:
+            self._warned = True
+            print(
+                visible(
+                    f"smtpproxy: the web view's index cannot be written ({exc}); "
+                    "the list stops following new sessions, the recordings go on"
+                ),
+                file=sys.stderr,
+            )
 
     def _index(self, path: Path) -> int:
         """Index ``path``; the size it had (what was read, or more)."""

@@ -165,7 +165,9 @@ def _message(session: Session, n: int) -> SessionMessage:
 
 
 def routes(ctx: Context) -> list[Route]:
-    async def message_page(request: Request) -> Response:
+    # plain functions: Starlette runs them in its thread pool, so reading a
+    # large recording never holds up the loop a proxy may share (record --web)
+    def message_page(request: Request) -> Response:
         n = request.path_params["n"]
         try:
             session = load(ctx, request.path_params["sid"])
@@ -192,7 +194,7 @@ def routes(ctx: Context) -> list[Route]:
             parts=parts,
         )
 
-    async def eml(request: Request) -> Response:
+    def eml(request: Request) -> Response:
         n = request.path_params["n"]
         try:
             session = load(ctx, request.path_params["sid"])
@@ -215,7 +217,7 @@ def routes(ctx: Context) -> list[Route]:
             raise PageError(404, f"message {request.path_params['n']} has no part {k} to show")
         return parts[k], k
 
-    async def part_download(request: Request) -> Response:
+    def part_download(request: Request) -> Response:
         try:
             part, k = _part(request)
         except PageError as err:
@@ -227,7 +229,7 @@ def routes(ctx: Context) -> list[Route]:
             headers={"content-disposition": _disposition(name)},
         )
 
-    async def html_part(request: Request) -> Response:
+    def html_part(request: Request) -> Response:
         try:
             part, k = _part(request)
             if part.get_content_type() != "text/html":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import ipaddress
 import logging
 import socket
 from typing import Any, cast
@@ -25,6 +28,8 @@ def allowed_hosts(host: str, port: int) -> frozenset[str]:
     names = {f"{shown}:{port}".lower()}
     if is_loopback(host):
         names |= {f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"}
+    if port == 80:  # a browser leaves out the default port
+        names |= {n.rsplit(":", 1)[0] for n in names}
     return frozenset(names)
 
 
@@ -35,7 +40,17 @@ def url_of(host: str, port: int, token: str, path: str = "/") -> str:
 
 def bind(listen: tuple[str, int]) -> socket.socket:
     """The listening socket (OSError when the address cannot be had), made
-    before any loop starts so the error is one line, not a task's."""
+    before any loop starts so the error is one line, not a task's. An
+    unspecified address (``0.0.0.0``, ``::``) is refused: the Host check
+    (against DNS rebinding) must know the name browsers use."""
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(listen[0]).is_unspecified:
+            raise OSError(
+                errno.EADDRNOTAVAIL,
+                "the web view checks each request's Host header against the address it "
+                f"listens on, so it needs the address browsers will use, not {listen[0]} "
+                "(this machine's LAN address, say)",
+            )
     family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -62,6 +77,7 @@ async def serve_web(
     served while this runs, and its streams ended when it stops."""
     host, port = sock.getsockname()[:2]
     config.hosts = allowed_hosts(host, port)
+    config.cookie = f"smtpproxy_token_{port}"
     app = create_app(config, index, live)
     hc = Config()
     hc.bind = [f"fd://{sock.detach()}"]  # Hypercorn owns (and closes) the socket now

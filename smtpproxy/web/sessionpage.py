@@ -221,9 +221,11 @@ def _text(body: str) -> Response:
 
 
 def routes(ctx: Context) -> list[Route]:
+    # plain functions: Starlette runs them in its thread pool, so reading a
+    # large recording never holds up the loop a proxy may share (record --web)
     ctx.env.filters["shown"] = shown
 
-    async def session_page(request: Request) -> Response:
+    def session_page(request: Request) -> Response:
         sid = request.path_params["sid"]
         try:
             session = load(ctx, sid)
@@ -245,14 +247,14 @@ def routes(ctx: Context) -> list[Route]:
             row_px=ROW_PX,
         )
 
-    async def transcript(request: Request) -> Response:
+    def transcript(request: Request) -> Response:
         try:
             session = load(ctx, request.path_params["sid"])
         except PageError as err:
             return error_page(ctx, err)
         return _text(session.transcript())
 
-    async def raw(request: Request) -> Response:
+    def raw(request: Request) -> Response:
         side = request.path_params["side"]
         try:
             if side not in ("client", "server"):
