@@ -160,3 +160,15 @@ def test_a_sasl_answer_read_as_a_command_is_not_shown(folder: Path) -> None:
         html = client_.get(f"/session/{session.id}").text
     assert "looks like a SASL answer" in html
     assert answer[:8] not in html and answer[:8].upper() not in html
+
+
+def test_copies_of_a_recording_are_listed_both(folder: Path) -> None:
+    (session,) = record_sessions(folder, "ann")
+    copy = folder / session.path.name.replace(".jsonl", "-copy.jsonl")
+    copy.write_bytes(session.path.read_bytes())
+    index = Index(folder)
+    assert index.update() == (2, 0)
+    assert index.update() == (0, 0)  # stable: neither copy evicts the other
+    assert index.page().total == 2
+    assert index.file_of(session.id) == min(session.path, copy)
+    index.close()

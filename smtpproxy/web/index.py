@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 INDEX_NAME = ".smtpproxy-index.sqlite"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: the list's columns, in order: (name, SQL type, heading)
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -190,7 +190,8 @@ class Index:
         cols = ", ".join(f"{name} {kind}" for name, kind, _ in COLUMNS if name != "id")
         extra = ", ".join(f"{name} TEXT" for name in EXTRA)
         self.db.execute(
-            f"CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, file TEXT UNIQUE, "
+            # keyed by file: two copies of one recording (one session id) are two rows
+            f"CREATE TABLE IF NOT EXISTS sessions (file TEXT PRIMARY KEY, id TEXT, "
             f"mtime REAL, size INTEGER, {cols}, {extra})"
         )
         # one index per sortable column, with id (the order's tie-break):
@@ -198,6 +199,7 @@ class Index:
         for name in NAMES:
             if name != "id":
                 self.db.execute(f"CREATE INDEX IF NOT EXISTS by_{name} ON sessions ({name}, id)")
+        self.db.execute("CREATE INDEX IF NOT EXISTS by_id ON sessions (id)")
         # free text scans this narrow index, not the whole rows
         self.db.execute("CREATE INDEX IF NOT EXISTS by_search ON sessions (search)")
         self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -287,10 +289,11 @@ class Index:
             return self._rows()
 
     def file_of(self, session_id: str) -> Path | None:
-        """The recording of a session id, from the index (never built from the id)."""
+        """The recording of a session id, from the index (never built from the
+        id); of copies that share it, the first by name."""
         with self._lock:
             row = self.db.execute(
-                "SELECT file FROM sessions WHERE id = ?", (session_id,)
+                "SELECT file FROM sessions WHERE id = ? ORDER BY file LIMIT 1", (session_id,)
             ).fetchone()
         return self.folder / row["file"] if row is not None else None
 
