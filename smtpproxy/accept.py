@@ -19,6 +19,7 @@ tries again after ``BACKOFF``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -132,6 +133,18 @@ async def serve_embedded(
     addr = listeners[0].socket.getsockname()
     task_status.started((addr[0], addr[1]))
     await trio.serve_listeners(handler, listeners)
+
+
+async def close_after_bug(stream: trio.abc.Stream, logger: logging.Logger, what: str) -> None:
+    """A bug met by one session of an embedded server (the sink, a mock):
+    logged with its traceback, and the client told ``421`` (RFC 5321 section
+    3.8) within a second, so the server goes on for the others."""
+    logger.exception("%s session failed; closing it", what)
+    with (
+        trio.move_on_after(1),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
+        await stream.send_all(b"421 4.3.0 internal error, closing\r\n")
 
 
 async def _accept_loop(

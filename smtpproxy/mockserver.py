@@ -141,13 +141,8 @@ class MockServer:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:
-            # a bug met by one session must not stop the mock for the others
-            log.exception("mock session failed; closing it")
-            with (
-                trio.move_on_after(1),
-                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
-            ):
-                await stream.send_all(format_reply(421, "4.3.0 internal error, closing"))
+            # a bug met by one session must not stop the server for the others
+            await accept.close_after_bug(stream, log, "mock")
         finally:
             if port is not None:
                 self._players.pop(port, None)

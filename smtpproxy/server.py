@@ -540,12 +540,7 @@ class Sink:
             pass
         except Exception:
             # a bug met by one session must not stop the server for the others
-            log.exception("sink session failed; closing it")
-            with (
-                trio.move_on_after(1),
-                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
-            ):
-                await stream.send_all(format_reply(421, "4.3.0 internal error, closing"))
+            await accept.close_after_bug(stream, log, "sink")
         finally:
             await trio.aclose_forcefully(stream)
 
