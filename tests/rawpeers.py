@@ -111,6 +111,30 @@ class Peer:
         await self.stream.aclose()
 
 
+async def trickle_until_answered(
+    client: Peer, chunks: list[bytes], every: float, grace: float = 2
+) -> bytes:
+    """Send ``chunks`` one at a time, ``every`` seconds apart, until the
+    proxy says something; return what it said (one reply). Fails when all
+    were sent and nothing came within ``grace`` seconds more."""
+    answer = b""
+
+    async def listen(nursery: trio.Nursery) -> None:
+        nonlocal answer
+        answer = await client.reply(timeout=len(chunks) * every + grace)
+        nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(listen, nursery)
+        for chunk in chunks:
+            try:
+                await client.send(chunk)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                break
+            await trio.sleep(every)
+    return answer
+
+
 async def connect(host: str, port: int) -> Peer:
     with trio.fail_after(TIMEOUT):
         return Peer(await trio.open_tcp_stream(host, port))

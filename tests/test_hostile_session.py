@@ -17,7 +17,7 @@ import pytest
 import trio
 import trustme
 from conftest import RunningProxy, smtpproxy_process, start_proxy, wait_for_sessions
-from rawpeers import Peer, RawUpstream, connect, only_recording
+from rawpeers import Peer, RawUpstream, connect, only_recording, trickle_until_answered
 
 from smtpproxy.events import Anomaly, MessageEnd, Note, Opaque, Reply, Side, TlsStart
 from smtpproxy.protocol import MAX_LINE, Conversation
@@ -95,28 +95,6 @@ async def _starttls_both_legs(
     await _server_tls(server, upstream_ca)
     assert await client.reply() == b"220 2.0.0 go ahead\r\n"
     return proxy, client, server
-
-
-async def _trickle_until_answered(client: Peer, chunks: list[bytes], every: float) -> bytes:
-    """Send ``chunks`` one at a time, ``every`` seconds apart, until the
-    proxy says something; return what it said (one reply). Fails when all
-    were sent and nothing came within 2 s more."""
-    answer = b""
-
-    async def listen(nursery: trio.Nursery) -> None:
-        nonlocal answer
-        answer = await client.reply(timeout=len(chunks) * every + 2)
-        nursery.cancel_scope.cancel()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(listen, nursery)
-        for chunk in chunks:
-            try:
-                await client.send(chunk)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                break
-            await trio.sleep(every)
-    return answer
 
 
 # -- --upstream-tls plain: what precedes STARTTLS goes on first ---------------
@@ -366,7 +344,7 @@ async def test_client_trickling_a_command_line_is_closed_by_the_line_timeout_opt
             client = await connect(child.host, child.port)
             assert (await client.reply()).startswith(b"220 ")
             line = b"EHLO a.very.slow.client.example\r\n"
-            answer = await _trickle_until_answered(
+            answer = await trickle_until_answered(
                 client, [line[i : i + 1] for i in range(len(line))], 0.2
             )
             assert (
@@ -407,7 +385,7 @@ async def test_client_trickling_a_message_is_closed_by_the_message_timeout(tmp_p
             await server.send(reply)
             assert await client.reply() == reply
         lines = [b"Subject: slow\r\n", b"\r\n"] + [b"line %d\r\n" % i for i in range(20)]
-        answer = await _trickle_until_answered(client, lines, 0.2)
+        answer = await trickle_until_answered(client, lines, 0.2)
         assert answer == b"421 4.4.2 smtpproxy: message not completed within 1s, closing\r\n"
         upstream_got = await server.to_eof()
         await trio.aclose_forcefully(client.stream)

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from rawpeers import Peer, only_recording
+from rawpeers import Peer, only_recording, trickle_until_answered
 
 from smtpproxy.events import MessageEnd, Note, Side, TlsEstablished
 from smtpproxy.recording import Recording
@@ -106,27 +106,6 @@ async def greeted(h: Harness) -> None:
     assert await h.client.until(GREETING) == GREETING
 
 
-async def trickle_until_answered(client: Peer, chunks: list[bytes], every: float) -> bytes:
-    """Send ``chunks`` ``every`` seconds apart until the proxy says something;
-    return that (one reply)."""
-    answer = b""
-
-    async def listen(nursery: trio.Nursery) -> None:
-        nonlocal answer
-        answer = await client.reply(timeout=len(chunks) * every + 1)
-        nursery.cancel_scope.cancel()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(listen, nursery)
-        for chunk in chunks:
-            try:
-                await client.send(chunk)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                break
-            await trio.sleep(every)
-    return answer
-
-
 # -- deadlines: idle, line, message --------------------------------------------
 
 
@@ -181,7 +160,7 @@ async def test_line_timeout_ends_a_client_trickling_one_command_line(
         await greeted(h)
         first_byte = trio.current_time()
         answer = await trickle_until_answered(
-            h.client, [line[i : i + 1] for i in range(len(line))], 70
+            h.client, [line[i : i + 1] for i in range(len(line))], 70, grace=1
         )
         answered_after = trio.current_time() - first_byte
         assert await h.client.to_eof() == b""
@@ -213,7 +192,7 @@ async def test_message_timeout_ends_a_client_trickling_a_message(
             await exchange(h, command, reply)
         first_byte = trio.current_time()
         lines = [b"Subject: slow\r\n", b"\r\n"] + [b"line %d\r\n" % i for i in range(40)]
-        answer = await trickle_until_answered(h.client, lines, 200)
+        answer = await trickle_until_answered(h.client, lines, 200, grace=1)
         answered_after = trio.current_time() - first_byte
         upstream_got = await h.server.to_eof(timeout=LONG)
     assert answer == b"421 4.4.2 smtpproxy: message not completed within 3600s, closing\r\n"
