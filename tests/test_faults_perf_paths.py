@@ -12,6 +12,7 @@ from pathlib import Path
 import trio
 from conftest import RunningProxy, start_proxy, wait_for_sessions
 from rawpeers import Peer, RawUpstream, connect, only_recording
+from test_faults_proxy import SESSION, relay_session
 
 from smtpproxy.events import Note, NoteKind
 from smtpproxy.faults import FaultPlan, parse_rule
@@ -124,11 +125,7 @@ async def test_a_reply_begun_early_then_one_a_rule_replaces(tmp_path: Path) -> N
     assert "instead of the server's reply to RCPT: 250 2.1.5 ok" in note.text
 
 
-SESSION = (
-    b"EHLO c.test\r\n",
-    b"MAIL FROM:<ann@example.org>\r\nRCPT TO:<a@example.net>\r\nDATA\r\n",
-    b"Subject: x\r\n\r\n.leading dot\r\nbody\r\n.\r\nQUIT\r\n",
-)
+#: the EHLO reply has a line a live ``ehlo: remove`` rule could take away
 SERVER_SAYS = (
     b"250-raw.test\r\n250-SIZE 1000\r\n250 PIPELINING\r\n",
     b"250 ok\r\n250 ok\r\n354 go\r\n",
@@ -139,32 +136,7 @@ SERVER_SAYS = (
 async def split_session(tmp_path: Path, faults: FaultPlan | None) -> tuple[bytes, bytes]:
     """Both peers' writes split mid-line (the greeting too); what the
     server and the client got."""
-    async with trio.open_nursery() as nursery:
-        upstream = await RawUpstream().start(nursery)
-        proxy = await start_proxy(nursery, tmp_path, upstream.address, faults=faults)
-        client = await connect(proxy.host, proxy.port)
-        server = await upstream.accept()
-        await server.send(b"220 raw")
-        await trio.sleep(0.05)  # two reads, not one: not a wait for a peer
-        await server.send(b".test\r\n")
-        await client.reply()
-        for i, (said, answer) in enumerate(zip(SESSION, SERVER_SAYS, strict=True)):
-            cut = len(said) // 2 + i
-            await client.send(said[:cut])
-            await trio.sleep(0.05)
-            await client.send(said[cut:])
-            await server.until(said[-6:])
-            cut = len(answer) // 2 - i
-            await server.send(answer[:cut])
-            await trio.sleep(0.05)
-            await server.send(answer[cut:])
-            await client.until(answer[-8:])
-        await client.close()
-        await server.to_eof()
-        await server.close()
-        await wait_for_sessions(proxy.proxy, 1)
-        nursery.cancel_scope.cancel()
-    return bytes(server.got), bytes(client.got)
+    return await relay_session(tmp_path, faults, SERVER_SAYS, split_server=True)
 
 
 async def test_live_rules_that_do_not_fire_relay_byte_for_byte(tmp_path: Path) -> None:

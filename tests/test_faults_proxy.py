@@ -309,23 +309,38 @@ SERVER_SAYS = (
 )
 
 
-async def relay_session(tmp_path: Path, faults: FaultPlan | None) -> tuple[bytes, bytes]:
+async def relay_session(
+    tmp_path: Path,
+    faults: FaultPlan | None,
+    server_says: tuple[bytes, ...] = SERVER_SAYS,
+    split_server: bool = False,
+) -> tuple[bytes, bytes]:
     """A scripted session through the proxy to a raw upstream, the client's
-    writes split at awkward places; what the server and the client got."""
+    writes split at awkward places (``split_server``: the server's too, the
+    greeting included); what the server and the client got."""
+
+    async def send_split(peer: Peer, data: bytes, cut: int) -> None:
+        await peer.send(data[:cut])
+        await trio.sleep(0.05)  # two reads, not one: not a wait for a peer
+        await peer.send(data[cut:])
+
     async with trio.open_nursery() as nursery:
         upstream = await RawUpstream().start(nursery)
         proxy = await start_proxy(nursery, tmp_path, upstream.address, faults=faults)
         client = await connect(proxy.host, proxy.port)
         server = await upstream.accept()
-        await server.send(b"220 raw.test\r\n")
+        if split_server:
+            await send_split(server, b"220 raw.test\r\n", 7)
+        else:
+            await server.send(b"220 raw.test\r\n")
         await client.reply()
-        for i, (said, answer) in enumerate(zip(SESSION, SERVER_SAYS, strict=True)):
-            cut = len(said) // 2 + i  # a line split across two reads
-            await client.send(said[:cut])
-            await trio.sleep(0.05)  # two reads, not one: not a wait for a peer
-            await client.send(said[cut:])
+        for i, (said, answer) in enumerate(zip(SESSION, server_says, strict=True)):
+            await send_split(client, said, len(said) // 2 + i)  # a line across two reads
             await server.until(said[-6:])
-            await server.send(answer)
+            if split_server:
+                await send_split(server, answer, len(answer) // 2 - i)
+            else:
+                await server.send(answer)
             await client.until(answer[-8:])
         await client.close()
         await server.to_eof()
