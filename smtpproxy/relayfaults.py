@@ -44,10 +44,8 @@ from .relayredial import SETUP_REPLIES, UpstreamRedial
 from .relayreplies import FaultReplies, ThrottledStream
 
 if TYPE_CHECKING:
-    from .events import Event, Note
-    from .protocol import Conversation
-    from .relay import Proxy
-    from .tlsmodes import TlsArrangement
+    from .events import Event
+
 
 __all__ = ["FaultSteps", "ThrottledStream", "unsupported"]
 
@@ -90,35 +88,14 @@ class FaultSteps(FaultReplies, UpstreamRedial):
     """Fault rules, for ``relay.Session`` (one of its base classes)."""
 
     if TYPE_CHECKING:  # what the session gives these steps
-        proxy: Proxy
-        conv: Conversation
 
         def upstream_port(self) -> int | None: ...
 
-        tls: TlsArrangement
-        streams: dict[Side, trio.abc.Stream]
-        closed_by: str
         _scope: trio.CancelScope
         _resume_client: trio.Event
-        _activity: float
         _cert_fault: Fault | None
 
-        def observe(
-            self,
-            events: list[Event],
-            now: float | None = None,
-            fed: tuple[Side, bytes | bytearray] | None = None,
-            call: str | None = None,
-            note: Note | None = None,
-        ) -> None: ...
-
-        def _end(self, by: str, reason: str) -> None: ...
-
         def _client_clocks(self, now: float) -> None: ...
-
-        async def _send(self, side: Side, data: bytes | bytearray) -> None: ...
-
-        async def _with_care(self, side: Side, data: bytes | bytearray) -> bool: ...
 
         async def _local_starttls(self) -> bool: ...
 

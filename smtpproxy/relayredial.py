@@ -36,10 +36,10 @@ from .tls import HandshakeFailed, handshake
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from .events import Event
     from .faults import Fault
-    from .relay import Proxy
-    from .tlsmodes import TlsArrangement
+    from .relayparts import SessionParts as _Parts
+else:
+    _Parts = object
 
 __all__ = ["REPLAYABLE", "UpstreamRedial", "UpstreamSetup"]
 
@@ -137,32 +137,14 @@ class UpstreamSetup:
         return out, ""
 
 
-class UpstreamRedial:
+class UpstreamRedial(_Parts):
     """A new upstream connection in the client's state, for
     ``relayfaults.FaultSteps``."""
 
     if TYPE_CHECKING:  # what the session gives these steps
-        proxy: Proxy
-        tls: TlsArrangement
-        streams: dict[Side, trio.abc.Stream]
         _open_upstream: Callable[[str, int], Awaitable[trio.abc.Stream]]
         _server_unsent: bytearray
         _server_ahead: int
-
-        def observe(
-            self,
-            events: list[Event],
-            now: float | None = None,
-            fed: tuple[Side, bytes | bytearray] | None = None,
-            call: str | None = None,
-            note: Note | None = None,
-        ) -> None: ...
-
-        def _end(self, by: str, reason: str) -> None: ...
-
-        def _fired(self, fault: Fault, what: str, raw: bytes = b"") -> None: ...
-
-        async def _reply_to_client(self, code: int, text: str, kind: NoteKind) -> None: ...
 
     def _init_redial(self) -> None:
         self._setup = UpstreamSetup()

@@ -30,9 +30,9 @@ from .tlsmodes import rewrite_capabilities
 
 if TYPE_CHECKING:
     from .events import Event
-    from .protocol import Conversation
-    from .relay import Proxy
-    from .tlsmodes import TlsArrangement
+    from .relayparts import SessionParts as _Parts
+else:
+    _Parts = object
 
 __all__ = ["FaultReplies", "ThrottledStream"]
 
@@ -86,36 +86,16 @@ def _raw_socket(stream: trio.abc.Stream) -> socket.socket | None:
         stream = inner
 
 
-class FaultReplies:
+class FaultReplies(_Parts):
     """The server's side of fault rules, for ``relayfaults.FaultSteps``."""
 
     if TYPE_CHECKING:  # what the session and FaultSteps give these steps
-        proxy: Proxy
-        conv: Conversation
-        tls: TlsArrangement
-        streams: dict[Side, trio.abc.Stream]
         faults: SessionFaults
         _counter: StepCounter
-        _activity: float
         _units: deque[Event]
         _draining: bool
         _nursery: trio.Nursery | None
         _setup: UpstreamSetup
-
-        def observe(
-            self,
-            events: list[Event],
-            now: float | None = None,
-            fed: tuple[Side, bytes | bytearray] | None = None,
-            call: str | None = None,
-            note: Note | None = None,
-        ) -> None: ...
-
-        def _end(self, by: str, reason: str) -> None: ...
-
-        async def _send(self, side: Side, data: bytes | bytearray) -> None: ...
-
-        async def _with_care(self, side: Side, data: bytes | bytearray) -> bool: ...
 
         def _queue(self, events: list[Event], data: bytes | bytearray = b"") -> None: ...
 

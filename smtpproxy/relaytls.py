@@ -23,49 +23,28 @@ from .streams import receive
 from .tls import HandshakeFailed, TlsFailure, bad_cert_words, handshake, handshake_facts
 
 if TYPE_CHECKING:
-    from .events import Event
     from .faults import Fault
-    from .relay import Proxy
+    from .relayparts import SessionParts as _Parts
     from .tls import ServerContexts
-    from .tlsmodes import TlsArrangement
+else:
+    _Parts = object
+
 
 __all__ = ["TlsSteps"]
 
 
-class TlsSteps:
+class TlsSteps(_Parts):
     """STARTTLS and the handshakes, for ``relay.Session`` (its base class)."""
 
     if TYPE_CHECKING:  # what the session gives these steps
-        proxy: Proxy
-        conv: Conversation
-        tls: TlsArrangement
-        streams: dict[Side, trio.abc.Stream]
-        closed_by: str
         reason: str
         _locks: dict[Side, trio.Semaphore]
-        _resume_client: trio.Event
         _replies_seen: trio.Event | None
-
-        def observe(
-            self,
-            events: list[Event],
-            now: float | None = None,
-            fed: tuple[Side, bytes | bytearray] | None = None,
-            call: str | None = None,
-            note: Note | None = None,
-        ) -> None: ...
-
-        def _end(self, by: str, reason: str) -> None: ...
-
-        async def _send(self, side: Side, data: bytes | bytearray) -> None: ...
-
-        async def _reply_to_client(self, code: int, text: str, kind: NoteKind) -> None: ...
+        _resume_client: trio.Event
 
         _faulty: bool
 
         async def _fault_tls(self) -> bool: ...
-
-        def _fired(self, fault: Fault, what: str, raw: bytes = b"") -> None: ...
 
     #: a ``tls: cert KIND`` fault that fired for the client's handshake
     #: (``FaultSteps._fault_tls`` sets it): show that bad certificate
